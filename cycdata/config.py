@@ -1,0 +1,532 @@
+"""The config language: one YAML file per run, every key optional, validated before anything runs.
+
+A *knob* is a number (constant) or a mapping ``{easy: ..., hard: ...}`` with optional ``factor``
+(default: the run's ``cyclical_factor``) and ``shape`` (default ``cyclical``); it parses to a
+:mod:`cycdata.schedules` object. ``null`` turns an optional feature off (``temperature: null``).
+
+The defaults are the default recipe that ``cycdata train`` runs with no config. Every problem
+raises :class:`ConfigError` naming the dotted key, the bad value and what is allowed.
+
+Example:
+    >>> cfg = parse_config({"epochs": 10, "optim": {"weight_decay": {"easy": 1e-5, "hard": 8e-5}}})
+    >>> cfg.optim.weight_decay
+    Cyclical(easy=1e-05, hard=8e-05, factor=2.0, shape='cyclical')
+    >>> parse_config({"optim": {"wieght_decay": 0.1}})
+    Traceback (most recent call last):
+    ...
+    cycdata.config.ConfigError: optim.wieght_decay: unknown key (did you mean 'optim.weight_decay'?)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cycdata.schedules import SHAPES, Constant, Cyclical, Schedule
+
+__all__ = [
+    "AugmentConfig",
+    "ConfigError",
+    "DataConfig",
+    "GradClipConfig",
+    "LossConfig",
+    "OptimConfig",
+    "RunConfig",
+    "RuntimeConfig",
+    "SelfPacedConfig",
+    "SemiSupervisedConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(ValueError):
+    """An invalid config: ``str(error)`` is one line naming the key, the value and the fix."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+# A parser turns the raw YAML value at dotted key ``key`` into a typed value; ``ctx`` carries
+# run-wide values (the shared cyclical factor).
+Parser = Callable[[str, Any, "Mapping[str, Any]"], Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar parsers
+# --------------------------------------------------------------------------------------------
+
+
+def _describe_bounds(ge: float | None, gt: float | None, le: float | None, lt: float | None) -> str:
+    parts = []
+    if ge is not None:
+        parts.append(f">= {ge:g}")
+    if gt is not None:
+        parts.append(f"> {gt:g}")
+    if le is not None:
+        parts.append(f"<= {le:g}")
+    if lt is not None:
+        parts.append(f"< {lt:g}")
+    return " and ".join(parts)
+
+
+def _to_number(key: str, raw: Any, integer: bool) -> float | int:
+    kind = "an integer" if integer else "a number"
+    if isinstance(raw, bool) or raw is None or isinstance(raw, (list, dict)):
+        raise ConfigError(key, f"got {raw!r}, expected {kind}")
+    if isinstance(raw, str):
+        # YAML 1.1 reads "1e-5" (no dot) as a string; accept what is plainly a number.
+        try:
+            raw = float(raw) if not integer else int(raw)
+        except ValueError:
+            raise ConfigError(key, f"got {raw!r}, expected {kind}") from None
+    if integer:
+        if isinstance(raw, float) and raw.is_integer():
+            raw = int(raw)
+        if not isinstance(raw, int):
+            raise ConfigError(key, f"got {raw!r}, expected {kind}")
+        return raw
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ConfigError(key, f"got {raw!r}, expected a finite number")
+    return value
+
+
+def number(
+    *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+    integer: bool = False,
+) -> Parser:
+    """A parser for a number (or integer) within bounds."""
+
+    def parse(key: str, raw: Any, ctx: Mapping[str, Any]) -> float | int:
+        value = _to_number(key, raw, integer)
+        ok = (
+            (ge is None or value >= ge)
+            and (gt is None or value > gt)
+            and (le is None or value <= le)
+            and (lt is None or value < lt)
+        )
+        if not ok:
+            raise ConfigError(key, f"got {raw!r}, must be {_describe_bounds(ge, gt, le, lt)}")
+        return value
+
+    return parse
+
+
+def choice(*options: str) -> Parser:
+    """A parser for one string out of ``options``."""
+
+    def parse(key: str, raw: Any, ctx: Mapping[str, Any]) -> str:
+        if raw not in options:
+            hint = _did_you_mean(str(raw), options)
+            raise ConfigError(key, f"got {raw!r}, must be one of: {', '.join(options)}{hint}")
+        return raw
+
+    return parse
+
+
+def text(key: str, raw: Any, ctx: Mapping[str, Any]) -> str:
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(key, f"got {raw!r}, expected a non-empty string")
+    return raw
+
+
+def boolean(key: str, raw: Any, ctx: Mapping[str, Any]) -> bool:
+    if not isinstance(raw, bool):
+        raise ConfigError(key, f"got {raw!r}, expected true or false")
+    return raw
+
+
+def optional(parser: Parser) -> Parser:
+    """``null`` means off; anything else goes to ``parser``."""
+
+    def parse(key: str, raw: Any, ctx: Mapping[str, Any]) -> Any:
+        return None if raw is None else parser(key, raw, ctx)
+
+    return parse
+
+
+def _did_you_mean(word: str, known: Iterable[str], prefix: str = "") -> str:
+    match = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Knobs
+# --------------------------------------------------------------------------------------------
+
+_KNOB_KEYS = ("easy", "hard", "factor", "shape", "value")
+
+
+def knob(
+    *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+    integer: bool = False,
+) -> Parser:
+    """A parser for a knob: a number, ``{value: v}`` or ``{easy, hard, factor?, shape?}``."""
+    bound = number(ge=ge, gt=gt, le=le, lt=lt, integer=integer)
+
+    def parse(key: str, raw: Any, ctx: Mapping[str, Any]) -> Schedule:
+        if not isinstance(raw, Mapping):
+            if isinstance(raw, (list, tuple)) or raw is None:
+                raise ConfigError(key, f"got {raw!r}, expected a number or a mapping {{easy: ..., hard: ...}}")
+            return Constant(bound(key, raw, ctx))
+        for name in raw:
+            if name not in _KNOB_KEYS:
+                raise ConfigError(f"{key}.{name}", f"unknown knob key{_did_you_mean(str(name), _KNOB_KEYS, key + '.')}; "
+                                  "a knob takes easy, hard, factor, shape (or value)")
+        if "value" in raw:
+            if len(raw) > 1:
+                raise ConfigError(key, "a constant knob {value: ...} takes no easy/hard/factor/shape")
+            return Constant(bound(f"{key}.value", raw["value"], ctx))
+        missing = [end for end in ("easy", "hard") if end not in raw]
+        if missing:
+            raise ConfigError(key, f"a cyclical knob needs both 'easy' and 'hard'; missing {' and '.join(missing)!s}")
+        easy = bound(f"{key}.easy", raw["easy"], ctx)
+        hard = bound(f"{key}.hard", raw["hard"], ctx)
+        factor = number(ge=1)(f"{key}.factor", raw.get("factor", ctx["cyclical_factor"]), ctx)
+        shape = choice(*sorted(SHAPES))(f"{key}.shape", raw.get("shape", "cyclical"), ctx)
+        return Cyclical(easy=easy, hard=hard, factor=factor, shape=shape)
+
+    return parse
+
+
+def knob_range(schedule: Schedule | None) -> tuple[float, float] | None:
+    """The (easy, hard) ends of a knob, or (v, v) for a constant; None when off."""
+    if schedule is None:
+        return None
+    if isinstance(schedule, Cyclical):
+        return schedule.easy, schedule.hard
+    if isinstance(schedule, Constant):
+        return schedule.value, schedule.value
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+
+DATASETS_WITHOUT_ARGUMENT = ("mnist5k", "digits")
+DATASETS_WITH_PATH = ("cifar10", "cifar100", "folder", "beton")
+DATASET_FORMS = "mnist5k, digits, cifar10:PATH, cifar100:PATH, folder:PATH, beton:PATH, synthetic:N"
+
+
+def dataset(key: str, raw: Any, ctx: Mapping[str, Any]) -> str:
+    """Validate a dataset spec such as ``mnist5k``, ``cifar10:/data/cifar`` or ``synthetic:1000``."""
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(key, f"got {raw!r}, expected one of: {DATASET_FORMS}")
+    scheme, _, argument = raw.partition(":")
+    known = (*DATASETS_WITHOUT_ARGUMENT, *DATASETS_WITH_PATH, "synthetic")
+    if scheme not in known:
+        raise ConfigError(key, f"unknown dataset scheme {scheme!r}{_did_you_mean(scheme, known)}; allowed: {DATASET_FORMS}")
+    if scheme in DATASETS_WITHOUT_ARGUMENT and argument:
+        raise ConfigError(key, f"{scheme!r} takes no argument, got {raw!r}")
+    if scheme in DATASETS_WITH_PATH and not argument:
+        raise ConfigError(key, f"{scheme!r} needs a path, e.g. '{scheme}:/data/{scheme}'")
+    if scheme == "synthetic" and not re.fullmatch(r"[1-9][0-9]*", argument):
+        raise ConfigError(key, f"got {raw!r}; synthetic needs a positive sample count, e.g. 'synthetic:1000'")
+    return raw
+
+
+# --------------------------------------------------------------------------------------------
+# The schema: dataclasses whose field metadata holds the parser
+# --------------------------------------------------------------------------------------------
+
+
+def key(parser: Parser, default: Any, doc: str = "") -> Any:
+    """A config field: its parser, its default (the default recipe) and a one-line doc."""
+    return field(default=default, metadata={"parse": parser, "doc": doc})
+
+
+def section(cls: type, default_on: bool = True, doc: str = "") -> Any:
+    """A nested section; ``default_on=False`` makes it optional and off unless configured."""
+    factory = cls if default_on else (lambda: None)
+    return field(default_factory=factory, metadata={"section": cls, "optional": not default_on, "doc": doc})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = key(dataset, "mnist5k", "dataset spec: " + DATASET_FORMS)
+    batch_size: Schedule = key(knob(gt=0, integer=True), Constant(128), "training batch size (cyclical batch size)")
+    eval_batch_size: int = key(number(gt=0, integer=True), 500, "batch size for evaluation")
+    num_workers: int = key(number(ge=0, integer=True), 2, "DataLoader worker processes")
+    lr_coupling: str = key(choice("none", "linear", "sqrt"), "none", "LR scaling when the batch size cycles")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = key(choice("sgd", "adamw", "adam"), "sgd", "optimizer")
+    lr: float = key(number(gt=0), 0.1, "peak learning rate; follows optim.sched")
+    momentum: float = key(number(ge=0, lt=1), 0.9, "SGD momentum (Adam: beta1)")
+    nesterov: bool = key(boolean, True, "Nesterov momentum for SGD")
+    weight_decay: Schedule = key(knob(ge=0), Cyclical(1e-5, 5e-4), "weight decay of decayed param groups (CWD)")
+    sched: str = key(choice("cosine", "linear", "constant"), "cosine", "learning-rate schedule over the run")
+    warmup_epochs: float = key(number(ge=0), 1.0, "linear LR warmup, in epochs")
+    min_lr: float = key(number(ge=0), 0.0, "final learning rate of cosine/linear")
+
+
+@dataclass(frozen=True)
+class GradClipConfig:
+    threshold: Schedule = Constant(1.0)
+    mode: str = "norm"
+
+
+CLIP_MODES = ("norm", "value", "agc")
+
+
+def grad_clip(key_name: str, raw: Any, ctx: Mapping[str, Any]) -> GradClipConfig:
+    """``grad_clip: 1.0`` or ``{easy: 0.5, hard: 2.0, mode: norm}``: a knob plus a clip mode."""
+    mode = "norm"
+    if isinstance(raw, Mapping):
+        raw = dict(raw)
+        mode = choice(*CLIP_MODES)(f"{key_name}.mode", raw.pop("mode", "norm"), ctx)
+    threshold = knob(gt=0)(key_name, raw, ctx)
+    return GradClipConfig(threshold=threshold, mode=mode)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = key(choice("ce", "cyclical_focal"), "ce", "training loss")
+    label_smoothing: float = key(number(ge=0, lt=1), 0.1, "label smoothing (CFL's eps)")
+    gamma_pos: float = key(number(ge=0), 0.0, "CFL focal exponent of the target class")
+    gamma_neg: float = key(number(ge=0), 4.0, "CFL focal exponent of the other classes")
+    gamma_hc: float = key(number(ge=0), 0.0, "CFL high-confidence exponent")
+    factor: float | None = key(optional(number(ge=1)), None, "CFL cyclical factor (default: cyclical_factor)")
+
+
+LADDERS = ("none", "flips", "default", "digits")
+
+
+def ladder(key_name: str, raw: Any, ctx: Mapping[str, Any]) -> str:
+    if isinstance(raw, str) and (raw in LADDERS or raw.endswith((".yaml", ".yml"))):
+        return raw
+    raise ConfigError(key_name, f"got {raw!r}, must be a built-in ladder ({', '.join(LADDERS)}) or a .yaml file"
+                      f"{_did_you_mean(str(raw), LADDERS)}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    ladder: str = key(ladder, "none", "augmentation-strength ladder: a name or a YAML file")
+    strength: Schedule = key(knob(ge=0, le=1), Cyclical(0.0, 1.0), "ladder strength in [0, 1]")
+
+
+@dataclass(frozen=True)
+class SelfPacedConfig:
+    keep: Schedule | None = key(optional(knob(gt=0, le=1)), Cyclical(0.5, 1.0), "kept fraction of lowest-loss samples")
+    threshold: Schedule | None = key(optional(knob(gt=0)), None, "absolute loss threshold (instead of keep)")
+    weighting: str = key(choice("hard", "linear", "log", "mixture"), "hard", "self-paced weighting (SPEC.md §10)")
+    per_class: bool = key(boolean, False, "select within each class so no class vanishes")
+
+
+@dataclass(frozen=True)
+class SemiSupervisedConfig:
+    labeled: int = key(number(gt=0, integer=True), 100, "number of labeled training samples")
+    ratio: Schedule = key(knob(ge=0), Cyclical(0.0, 7.0), "unlabeled samples per labeled one")
+    confidence: float = key(number(gt=0, le=1), 0.95, "pseudo-label confidence threshold")
+    weight: float = key(number(ge=0), 1.0, "weight of the consistency loss")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = key(text, "auto", "auto, cpu, cuda, cuda:N")
+    amp: bool = key(boolean, True, "bf16 autocast on GPU")
+    channels_last: bool = key(boolean, True, "channels_last memory format on GPU")
+    compile: bool = key(boolean, False, "torch.compile the model")
+    log_every: int = key(number(gt=0, integer=True), 50, "progress-bar refresh interval in steps")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    epochs: int = key(number(ge=2, integer=True), 10, "epochs the run (and the cycle) spans")
+    cyclical_factor: float = key(number(ge=1), 2.0, "shared cyclical factor (1 = ramp, 2 = easy-hard-easy)")
+    seed: int = key(number(ge=0, integer=True), 0, "random seed")
+    model: str = key(text, "resnet10t", "any timm model name")
+    schedule_unit: str = key(choice("epoch", "step"), "epoch", "knobs change per epoch (reference) or per step")
+    normalization: str = key(choice("reference", "paper"), "reference", "t = e/(E-1) (reference) or e/E (paper)")
+    data: DataConfig = section(DataConfig)
+    optim: OptimConfig = section(OptimConfig)
+    temperature: Schedule | None = key(optional(knob(gt=0)), Cyclical(0.5, 2.0), "softmax temperature (CST)")
+    grad_clip: GradClipConfig | None = key(optional(grad_clip), GradClipConfig(Cyclical(0.5, 2.0)),
+                                           "gradient-clip threshold (CGC) and mode")
+    loss: LossConfig = section(LossConfig)
+    augment: AugmentConfig = section(AugmentConfig)
+    self_paced: SelfPacedConfig | None = section(SelfPacedConfig, default_on=False)
+    semi_supervised: SemiSupervisedConfig | None = section(SemiSupervisedConfig, default_on=False)
+    runtime: RuntimeConfig = section(RuntimeConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_section(cls: type, raw: Any, prefix: str, ctx: Mapping[str, Any]) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(where, f"got {raw!r}, expected a mapping of keys")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in raw:
+        if name not in fields:
+            raise ConfigError(f"{prefix}{name}", f"unknown key{_did_you_mean(str(name), fields, prefix)}")
+    values = {}
+    for name, spec in fields.items():
+        if name not in raw:
+            continue
+        dotted = f"{prefix}{name}"
+        if "section" in spec.metadata:
+            if raw[name] is None and spec.metadata["optional"]:
+                values[name] = None
+            else:
+                values[name] = _parse_section(spec.metadata["section"], raw[name], dotted + ".", ctx)
+        else:
+            values[name] = spec.metadata["parse"](dotted, raw[name], ctx)
+    return cls(**values)
+
+
+def _check_consistency(config: RunConfig) -> None:
+    """Rules that involve more than one key."""
+    sp = config.self_paced
+    if sp is not None and (sp.keep is None) == (sp.threshold is None):
+        raise ConfigError("self_paced", "set exactly one of self_paced.keep (a fraction) or self_paced.threshold "
+                          "(a loss value); use 'keep: null' to select by threshold")
+
+
+def parse_config(raw: Mapping[str, Any] | None) -> RunConfig:
+    """Validate a raw mapping (from YAML) into a :class:`RunConfig`.
+
+    Example:
+        >>> parse_config({"epochs": 1})
+        Traceback (most recent call last):
+        ...
+        cycdata.config.ConfigError: epochs: got 1, must be >= 2
+    """
+    raw = {} if raw is None else raw
+    if not isinstance(raw, Mapping):
+        raise ConfigError("config", f"the top level must be a mapping of keys, got {type(raw).__name__}")
+    default_factor = RunConfig.cyclical_factor
+    factor = raw.get("cyclical_factor", default_factor)
+    ctx = {"cyclical_factor": number(ge=1)("cyclical_factor", factor, {})}
+    config = _parse_section(RunConfig, raw, "", ctx)
+    _check_consistency(config)
+    return config
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            if isinstance(child, (int, float)) and parts[depth + 1] in _KNOB_KEYS:
+                child = node[part] = {}  # a constant knob becomes a mapping: knob.easy=...
+            else:
+                raise ConfigError(dotted, f"cannot set a sub-key: '{'.'.join(parts[: depth + 1])}' is {child!r}")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: Mapping[str, Any] | None, overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``KEY=VALUE`` overrides (dotted keys, YAML values) to a raw config mapping.
+
+    Example:
+        >>> apply_overrides({"optim": {"lr": 0.1}}, ["optim.lr=0.05", "epochs=5"])
+        {'optim': {'lr': 0.05}, 'epochs': 5}
+    """
+    result: dict[str, Any] = _deep_copy(raw or {})
+    for item in overrides:
+        dotted, sep, text_value = item.partition("=")
+        if not sep or not dotted or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", dotted):
+            raise ConfigError("override", f"got {item!r}, expected KEY=VALUE with a dotted key, e.g. optim.lr=0.05")
+        try:
+            value = yaml.safe_load(text_value) if text_value else None
+        except yaml.YAMLError:
+            value = text_value
+        _set_dotted(result, dotted, value)
+    return result
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file; a missing file or malformed YAML raises one-line :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        source = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError("config", f"file not found: {path}") from None
+    except OSError as error:
+        raise ConfigError("config", f"cannot read {path}: {error.strerror}") from None
+    try:
+        return yaml.safe_load(source)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError("config", f"malformed YAML in {path}{where}: {problem}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a YAML config (or start from the default recipe), apply overrides, validate.
+
+    Example:
+        >>> load_config(None, ["epochs=3"]).epochs
+        3
+    """
+    raw = read_yaml(path) if path is not None else {}
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ConfigError("config", f"the top level of {path} must be a mapping of keys, got {type(raw).__name__}")
+    return parse_config(apply_overrides(raw, overrides))
+
+
+# --------------------------------------------------------------------------------------------
+# Writing back
+# --------------------------------------------------------------------------------------------
+
+
+def _schedule_to_raw(schedule: Schedule) -> Any:
+    if isinstance(schedule, Constant):
+        return schedule.value
+    if isinstance(schedule, Cyclical):
+        return {"easy": schedule.easy, "hard": schedule.hard, "factor": schedule.factor, "shape": schedule.shape}
+    raise TypeError(f"cannot write schedule {schedule!r} to a config")
+
+
+def config_to_dict(config: Any) -> Any:
+    """The resolved config as plain data; ``parse_config(config_to_dict(c)) == c``.
+
+    Example:
+        >>> config_to_dict(parse_config({"temperature": 1.5}))["temperature"]
+        1.5
+    """
+    if isinstance(config, GradClipConfig):
+        threshold = _schedule_to_raw(config.threshold)
+        if isinstance(threshold, dict):
+            return {**threshold, "mode": config.mode}
+        return threshold if config.mode == "norm" else {"value": threshold, "mode": config.mode}
+    if isinstance(config, (Constant, Cyclical)):
+        return _schedule_to_raw(config)
+    if dataclasses.is_dataclass(config):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    return config
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML text (what a run folder stores)."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

@@ -1,0 +1,196 @@
+"""The plan: every knob of a run, with its schedule, evaluated through the one clock.
+
+``Plan.from_config(cfg).at(epoch)`` gives every knob's value at the start of an epoch (or part
+way through it for per-step knobs). Knobs are named by their dotted config keys.
+
+Example:
+    >>> from cycdata.config import parse_config
+    >>> plan = Plan.from_config(parse_config({"epochs": 10, "optim": {"weight_decay": {"easy": 1e-5, "hard": 8e-5}}}))
+    >>> [round(v, 11) for v in plan.values()["optim.weight_decay"][:3]]
+    [1e-05, 2.555555556e-05, 4.111111111e-05]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cycdata.clock import Clock
+from cycdata.config import RunConfig, knob_range
+from cycdata.schedules import Constant, Cosine, Cyclical, Linear, Schedule, Warmup
+
+__all__ = ["Knob", "Plan", "lr_schedule"]
+
+#: The LR warmup starts at this fraction of the peak LR.
+WARMUP_START_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One planned knob.
+
+    Attributes:
+        name: dotted config key, e.g. ``optim.weight_decay``.
+        schedule: the schedule of ``t``.
+        timeline: ``"cycle"`` (cycle progress, the cyclical knobs) or ``"run"`` (run fraction, the LR).
+        integer: round values to integers (batch sizes).
+        ends: ``(easy, hard)`` for plots, None when the knob has no such ends.
+    """
+
+    name: str
+    schedule: Schedule
+    timeline: Literal["cycle", "run"] = "cycle"
+    integer: bool = False
+    ends: tuple[float, float] | None = None
+
+    def value(self, clock: Clock, epoch: int, fraction: float = 0.0) -> float | int:
+        if self.timeline == "run":
+            t = clock.run_fraction(epoch, fraction)
+        else:
+            t = clock.progress(epoch, fraction)
+        value = self.schedule(t)
+        return int(round(value)) if self.integer else value
+
+
+def lr_schedule(config: RunConfig) -> Schedule:
+    """The learning rate as a schedule of the run fraction: warmup, then cosine/linear/constant.
+
+    Example:
+        >>> from cycdata.config import parse_config
+        >>> lr = lr_schedule(parse_config({"epochs": 10, "optim": {"lr": 0.1, "warmup_epochs": 0}}))
+        >>> lr(0.0), round(lr(0.5), 6), lr(1.0)
+        (0.1, 0.05, 0.0)
+    """
+    optim = config.optim
+    base: Schedule
+    if optim.sched == "cosine":
+        base = Cosine(optim.lr, optim.min_lr)
+    elif optim.sched == "linear":
+        base = Linear(optim.lr, optim.min_lr)
+    else:
+        base = Constant(optim.lr)
+    until = optim.warmup_epochs / config.epochs
+    return Warmup(base, until=until, start_value=WARMUP_START_FRACTION * optim.lr) if until > 0 else base
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The knobs of a run and the clock that drives them."""
+
+    clock: Clock
+    knobs: tuple[Knob, ...]
+
+    @classmethod
+    def from_config(cls, config: RunConfig, epochs: int | None = None) -> Plan:
+        """Plan every knob that ``config`` turns on (``epochs`` overrides ``config.epochs``)."""
+        if epochs is not None and epochs != config.epochs:
+            from dataclasses import replace
+
+            config = replace(config, epochs=epochs)
+        clock = Clock(config.epochs, unit=config.schedule_unit, normalization=config.normalization)  # type: ignore[arg-type]
+        return cls(clock=clock, knobs=tuple(_knobs_of(config)))
+
+    @property
+    def epochs(self) -> int:
+        return self.clock.epochs
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(knob.name for knob in self.knobs)
+
+    def knob(self, name: str) -> Knob:
+        for knob in self.knobs:
+            if knob.name == name:
+                return knob
+        raise KeyError(f"no knob {name!r} in this plan; it has: {', '.join(self.names)}")
+
+    def at(self, epoch: int, fraction: float = 0.0) -> dict[str, float | int]:
+        """Every knob's value at ``epoch`` after ``fraction`` of its samples."""
+        return {knob.name: knob.value(self.clock, epoch, fraction) for knob in self.knobs}
+
+    def values(self) -> dict[str, list[float | int]]:
+        """Every knob's per-epoch values (at each epoch's start)."""
+        rows = [self.at(epoch) for epoch in range(self.epochs)]
+        return {name: [row[name] for row in rows] for name in self.names}
+
+    def to_json(self) -> str:
+        """``{"epochs": N, "knobs": {name: [v_0, ..., v_{N-1}]}}``."""
+        return json.dumps({"epochs": self.epochs, "knobs": self.values()})
+
+    def table(self) -> str:
+        """A readable per-epoch table of every knob."""
+        values = self.values()
+        headers = ["epoch", *self.names]
+        rows = [[str(epoch), *(_format(values[name][epoch]) for name in self.names)] for epoch in range(self.epochs)]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path) -> Path:
+        """Draw one panel per knob over the epochs, with the easy/hard ends marked, to a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        values = self.values()
+        columns = 2 if len(self.knobs) > 1 else 1
+        rows = (len(self.knobs) + columns - 1) // columns
+        figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 2.6 * rows), squeeze=False)
+        epochs = list(range(self.epochs))
+        for axis, knob in zip(axes.flat, self.knobs):
+            axis.plot(epochs, values[knob.name], marker="o", markersize=3, color="tab:blue")
+            if knob.ends is not None and knob.ends[0] != knob.ends[1]:
+                axis.axhline(knob.ends[0], color="tab:green", linestyle="--", linewidth=1, label=f"easy {knob.ends[0]:g}")
+                axis.axhline(knob.ends[1], color="tab:red", linestyle="--", linewidth=1, label=f"hard {knob.ends[1]:g}")
+                axis.legend(loc="best", fontsize=8)
+            axis.set_title(knob.name)
+            axis.set_xlabel("epoch")
+            axis.grid(alpha=0.3)
+        for axis in list(axes.flat)[len(self.knobs):]:
+            axis.set_visible(False)
+        figure.suptitle(f"cycdata plan: {self.epochs} epochs, unit={self.clock.unit}")
+        figure.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        return path
+
+
+def _format(value: float | int) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.6g}"
+
+
+def _knob(name: str, schedule: Schedule, **kwargs: object) -> Knob:
+    return Knob(name=name, schedule=schedule, ends=knob_range(schedule), **kwargs)  # type: ignore[arg-type]
+
+
+def _knobs_of(config: RunConfig) -> list[Knob]:
+    knobs = [
+        _knob("data.batch_size", config.data.batch_size, integer=True),
+        Knob("optim.lr", lr_schedule(config), timeline="run"),
+        _knob("optim.weight_decay", config.optim.weight_decay),
+    ]
+    if config.temperature is not None:
+        knobs.append(_knob("temperature", config.temperature))
+    if config.grad_clip is not None:
+        knobs.append(_knob("grad_clip", config.grad_clip.threshold))
+    if config.loss.name == "cyclical_focal":
+        factor = config.loss.factor or config.cyclical_factor
+        knobs.append(_knob("loss.xi", Cyclical(easy=1.0, hard=0.0, factor=factor)))
+    if config.augment.ladder != "none":
+        knobs.append(_knob("augment.strength", config.augment.strength))
+    if config.self_paced is not None:
+        if config.self_paced.keep is not None:
+            knobs.append(_knob("self_paced.keep", config.self_paced.keep))
+        else:
+            assert config.self_paced.threshold is not None
+            knobs.append(_knob("self_paced.threshold", config.self_paced.threshold))
+    if config.semi_supervised is not None:
+        knobs.append(_knob("semi_supervised.ratio", config.semi_supervised.ratio))
+    return knobs

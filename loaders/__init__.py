@@ -1,0 +1,1 @@
+"""cycdata.loaders: datasets and loaders that carry the data-side knobs."""

@@ -1,0 +1,1 @@
+"""cycdata.train: the optimizer side of the cycle and the ``cycdata`` command line."""
