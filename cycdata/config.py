@@ -105,7 +105,11 @@ def _to_number(key: str, raw: Any, integer: bool) -> float | int:
 
 
 def number(
-    *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
     integer: bool = False,
 ) -> Parser:
     """A parser for a number (or integer) within bounds."""
@@ -171,7 +175,11 @@ _KNOB_KEYS = ("easy", "hard", "factor", "shape", "value")
 
 
 def knob(
-    *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
     integer: bool = False,
 ) -> Parser:
     """A parser for a knob: a number, ``{value: v}`` or ``{easy, hard, factor?, shape?}``."""
@@ -184,8 +192,11 @@ def knob(
             return Constant(bound(key, raw, ctx))
         for name in raw:
             if name not in _KNOB_KEYS:
-                raise ConfigError(f"{key}.{name}", f"unknown knob key{_did_you_mean(str(name), _KNOB_KEYS, key + '.')}; "
-                                  "a knob takes easy, hard, factor, shape (or value)")
+                raise ConfigError(
+                    f"{key}.{name}",
+                    f"unknown knob key{_did_you_mean(str(name), _KNOB_KEYS, key + '.')}; "
+                    "a knob takes easy, hard, factor, shape (or value)",
+                )
         if "value" in raw:
             if len(raw) > 1:
                 raise ConfigError(key, "a constant knob {value: ...} takes no easy/hard/factor/shape")
@@ -229,7 +240,9 @@ def dataset(key: str, raw: Any, ctx: Mapping[str, Any]) -> str:
     scheme, _, argument = raw.partition(":")
     known = (*DATASETS_WITHOUT_ARGUMENT, *DATASETS_WITH_PATH, "synthetic")
     if scheme not in known:
-        raise ConfigError(key, f"unknown dataset scheme {scheme!r}{_did_you_mean(scheme, known)}; allowed: {DATASET_FORMS}")
+        raise ConfigError(
+            key, f"unknown dataset scheme {scheme!r}{_did_you_mean(scheme, known)}; allowed: {DATASET_FORMS}"
+        )
     if scheme in DATASETS_WITHOUT_ARGUMENT and argument:
         raise ConfigError(key, f"{scheme!r} takes no argument, got {raw!r}")
     if scheme in DATASETS_WITH_PATH and not argument:
@@ -311,8 +324,11 @@ LADDERS = ("none", "flips", "default", "digits")
 def ladder(key_name: str, raw: Any, ctx: Mapping[str, Any]) -> str:
     if isinstance(raw, str) and (raw in LADDERS or raw.endswith((".yaml", ".yml"))):
         return raw
-    raise ConfigError(key_name, f"got {raw!r}, must be a built-in ladder ({', '.join(LADDERS)}) or a .yaml file"
-                      f"{_did_you_mean(str(raw), LADDERS)}")
+    raise ConfigError(
+        key_name,
+        f"got {raw!r}, must be a built-in ladder ({', '.join(LADDERS)}) or a .yaml file"
+        f"{_did_you_mean(str(raw), LADDERS)}",
+    )
 
 
 @dataclass(frozen=True)
@@ -343,7 +359,8 @@ class RuntimeConfig:
     amp: bool = key(boolean, True, "bf16 autocast on GPU")
     channels_last: bool = key(boolean, True, "channels_last memory format on GPU")
     compile: bool = key(boolean, False, "torch.compile the model")
-    log_every: int = key(number(gt=0, integer=True), 50, "progress-bar refresh interval in steps")
+    log_every: int = key(number(gt=0, integer=True), 20, "progress-bar loss refresh interval in steps")
+    progress: bool = key(boolean, True, "progress bar and one summary line per epoch")
 
 
 @dataclass(frozen=True)
@@ -357,8 +374,9 @@ class RunConfig:
     data: DataConfig = section(DataConfig)
     optim: OptimConfig = section(OptimConfig)
     temperature: Schedule | None = key(optional(knob(gt=0)), Cyclical(0.5, 2.0), "softmax temperature (CST)")
-    grad_clip: GradClipConfig | None = key(optional(grad_clip), GradClipConfig(Cyclical(0.5, 2.0)),
-                                           "gradient-clip threshold (CGC) and mode")
+    grad_clip: GradClipConfig | None = key(
+        optional(grad_clip), GradClipConfig(Cyclical(0.5, 2.0)), "gradient-clip threshold (CGC) and mode"
+    )
     loss: LossConfig = section(LossConfig)
     augment: AugmentConfig = section(AugmentConfig)
     self_paced: SelfPacedConfig | None = section(SelfPacedConfig, default_on=False)
@@ -400,8 +418,11 @@ def _check_consistency(config: RunConfig) -> None:
     """Rules that involve more than one key."""
     sp = config.self_paced
     if sp is not None and (sp.keep is None) == (sp.threshold is None):
-        raise ConfigError("self_paced", "set exactly one of self_paced.keep (a fraction) or self_paced.threshold "
-                          "(a loss value); use 'keep: null' to select by threshold")
+        raise ConfigError(
+            "self_paced",
+            "set exactly one of self_paced.keep (a fraction) or self_paced.threshold "
+            "(a loss value); use 'keep: null' to select by threshold",
+        )
 
 
 def parse_config(raw: Mapping[str, Any] | None) -> RunConfig:

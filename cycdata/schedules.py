@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,8 +74,7 @@ def _check_factor(factor: float) -> None:
     _require_finite("factor", factor)
     if factor < 1:
         raise ValueError(
-            f"cyclical factor must be >= 1 (1 = one easy->hard ramp, 2 = easy->hard->easy), "
-            f"got {factor!r}"
+            f"cyclical factor must be >= 1 (1 = one easy->hard ramp, 2 = easy->hard->easy), got {factor!r}"
         )
 
 
@@ -162,7 +162,12 @@ def linear_xi(t: float, factor: float = 1.0) -> float:
 
 
 XiShape = Callable[[float, float], float]
-SHAPES: dict[str, XiShape] = {"cyclical": triangle_xi, "triangle": triangle_xi, "cosine": cosine_xi, "linear": linear_xi}
+SHAPES: dict[str, XiShape] = {
+    "cyclical": triangle_xi,
+    "triangle": triangle_xi,
+    "cosine": cosine_xi,
+    "linear": linear_xi,
+}
 
 
 def register_shape(name: str, shape: XiShape) -> XiShape:
@@ -288,7 +293,7 @@ class Piecewise:
         points = self.points
         if t <= points[0][0]:
             return float(points[0][1])
-        for (t0, v0), (t1, v1) in zip(points, points[1:]):
+        for (t0, v0), (t1, v1) in itertools.pairwise(points):
             if t <= t1:
                 return v0 if t1 == t0 else v0 + (v1 - v0) * (t - t0) / (t1 - t0)
         return float(points[-1][1])
@@ -300,7 +305,7 @@ class Warmup:
 
     Example:
         >>> lr = Warmup(Constant(0.1), until=0.2)
-        >>> lr(0.0), lr(0.1), lr(0.5)
+        >>> lr(0.0), round(lr(0.1), 6), lr(0.5)
         (0.0, 0.05, 0.1)
     """
 
@@ -420,4 +425,3 @@ def make_schedule(name: str, **kwargs: object) -> Schedule:
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; known: {', '.join(sorted(SCHEDULES))}")
     return SCHEDULES[name](**kwargs)
-

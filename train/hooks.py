@@ -1,0 +1,176 @@
+"""Optimizer-side hooks for any training loop: cyclical LR, weight decay (CWD), softmax temperature
+(CST) and gradient clipping (CGC), all read from one :class:`~cycdata.plan.Plan`.
+
+Three calls fit into a loop you already have::
+
+    hooks = CyclicalHooks(optimizer, plan)
+    for epoch in range(plan.epochs):
+        for step, (x, y) in enumerate(loader):
+            hooks.update(epoch, fraction=step / len(loader))   # LR, WD, T and clip for this step
+            loss = F.cross_entropy(hooks.scale_logits(model(x)), y)   # CST: training only
+            loss.backward()
+            hooks.clip_gradients(model)                          # CGC
+            optimizer.step(); optimizer.zero_grad()
+
+Unlike the reference code, cyclical weight decay and cyclical clipping work together (its
+``if wd … elif clip`` turned clipping off whenever CWD was on), and weight decay goes into every
+param group whose base weight decay is > 0 (not a hard-coded group index), so no-decay groups of
+biases and norms stay undecayed.
+
+Example:
+    >>> import torch
+    >>> from cycdata.config import parse_config
+    >>> from cycdata.plan import Plan
+    >>> model = torch.nn.Linear(4, 2)
+    >>> groups = [{"params": [model.weight], "weight_decay": 1e-4}, {"params": [model.bias], "weight_decay": 0.0}]
+    >>> optimizer = torch.optim.SGD(groups, lr=0.1)
+    >>> hooks = CyclicalHooks(optimizer, Plan.from_config(parse_config({"epochs": 10})))
+    >>> knobs = hooks.update(epoch=4)
+    >>> optimizer.param_groups[0]["weight_decay"] == knobs["optim.weight_decay"], optimizer.param_groups[1]["weight_decay"]
+    (True, 0.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from cycdata.plan import Plan
+
+__all__ = ["CLIP_MODES", "CyclicalHooks", "clip_gradients"]
+
+CLIP_MODES = ("norm", "value", "agc")
+
+
+def _parameters(model_or_params: nn.Module | Iterable[Tensor], exclude_head: bool) -> list[Tensor]:
+    if isinstance(model_or_params, nn.Module):
+        from timm.models import model_parameters
+
+        # AGC leaves the classifier alone (Brock et al. 2021; timm's train.py does the same).
+        return [p for p in model_parameters(model_or_params, exclude_head=exclude_head) if p.grad is not None]
+    return [p for p in model_or_params if p.grad is not None]
+
+
+def clip_gradients(model_or_params: nn.Module | Iterable[Tensor], threshold: float, mode: str = "norm") -> Tensor | None:
+    """Clip gradients in place; returns the total gradient norm before clipping (``norm`` mode).
+
+    ``norm`` clips the global L2 norm, ``value`` clamps every element to ±threshold, ``agc`` is
+    adaptive gradient clipping with ``threshold`` as the clip factor (timm's implementation).
+    The norm stays on the device: reading it is the caller's choice (no host sync here).
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(3)); p.grad = torch.tensor([3.0, 4.0, 0.0])
+        >>> float(clip_gradients([p], 1.0, "norm")), [round(float(g), 3) for g in p.grad]
+        (5.0, [0.6, 0.8, 0.0])
+    """
+    if mode not in CLIP_MODES:
+        raise ValueError(f"unknown clip mode {mode!r}; use one of {', '.join(CLIP_MODES)}")
+    parameters = _parameters(model_or_params, exclude_head=mode == "agc")
+    if not parameters:
+        return None
+    if mode == "norm":
+        return torch.nn.utils.clip_grad_norm_(parameters, threshold, foreach=True)
+    from timm.utils import dispatch_clip_grad
+
+    dispatch_clip_grad(parameters, threshold, mode=mode)
+    return None
+
+
+class CyclicalHooks:
+    """Applies a plan's optimizer-side knobs to an optimizer as training progresses.
+
+    Args:
+        optimizer: the optimizer; its param groups with ``weight_decay > 0`` at construction
+            get the cyclical weight decay, the others (no-decay groups) are left alone.
+        plan: the run's plan (knobs ``optim.lr``, ``optim.weight_decay``, ``temperature``, ``grad_clip``).
+        clip_mode: ``norm``, ``value`` or ``agc`` for the ``grad_clip`` knob.
+        set_lr: write the plan's ``optim.lr`` into every group (times the group's ``lr_scale``
+            when present); turn off to keep your own LR scheduler.
+
+    The hooks hold no state beyond the current values: after a resume, one ``update(epoch, fraction)``
+    restores everything.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, plan: Plan, *, clip_mode: str = "norm",
+                 set_lr: bool = True) -> None:
+        if clip_mode not in CLIP_MODES:
+            raise ValueError(f"unknown clip mode {clip_mode!r}; use one of {', '.join(CLIP_MODES)}")
+        self.optimizer = optimizer
+        self.plan = plan
+        self.clip_mode = clip_mode
+        self.set_lr = set_lr
+        self.decay_groups = [i for i, g in enumerate(optimizer.param_groups) if g.get("weight_decay", 0.0) > 0]
+        if "optim.weight_decay" in plan.names and not self.decay_groups and _ever_positive(plan, "optim.weight_decay"):
+            raise ValueError(
+                "cyclical weight decay has no param group to act on: every group has weight_decay == 0. "
+                "Build the optimizer with a non-zero weight decay on the groups to decay (e.g. "
+                "timm.optim.create_optimizer_v2(model, weight_decay=1e-4), which keeps biases and norms undecayed)"
+            )
+        self.values: dict[str, float | int] = {}
+
+    @property
+    def temperature(self) -> float:
+        """The current softmax temperature (1.0 when CST is off)."""
+        return float(self.values.get("temperature", 1.0))
+
+    @property
+    def clip_threshold(self) -> float | None:
+        """The current gradient-clip threshold (None when CGC is off)."""
+        value = self.values.get("grad_clip")
+        return None if value is None else float(value)
+
+    def update(self, epoch: int, fraction: float = 0.0, lr_scale: float = 1.0) -> dict[str, float | int]:
+        """Compute every knob at (epoch, fraction of its samples) and write LR/WD into the optimizer.
+
+        ``lr_scale`` multiplies the planned LR (for example the batch-size coupling). Returns
+        the values, keyed by dotted knob name.
+        """
+        values = self.plan.at(epoch, fraction)
+        if "optim.lr" in values:
+            values["optim.lr"] = float(values["optim.lr"]) * lr_scale
+        self.values = values
+        groups = self.optimizer.param_groups
+        if self.set_lr and "optim.lr" in values:
+            for group in groups:
+                group["lr"] = values["optim.lr"] * group.get("lr_scale", 1.0)
+        if "optim.weight_decay" in values:
+            for index in self.decay_groups:
+                groups[index]["weight_decay"] = float(values["optim.weight_decay"])
+        return values
+
+    def scale_logits(self, logits: Tensor) -> Tensor:
+        """CST: ``logits / T`` for the training loss. Never call it on evaluation logits.
+
+        Example:
+            >>> import torch
+            >>> from cycdata.config import parse_config
+            >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1, weight_decay=1e-4)
+            >>> hooks = CyclicalHooks(opt, Plan.from_config(parse_config({"epochs": 2})))
+            >>> _ = hooks.update(0)
+            >>> hooks.scale_logits(torch.tensor([1.0, -1.0]))
+            tensor([ 2., -2.])
+        """
+        temperature = self.temperature
+        return logits if temperature == 1.0 else logits / temperature
+
+    def attach(self, model: nn.Module) -> torch.utils.hooks.RemovableHandle:
+        """Apply CST through a forward hook: training-mode outputs are divided by T, eval outputs not."""
+
+        def divide(module: nn.Module, inputs: object, output: Tensor) -> Tensor:
+            return self.scale_logits(output) if module.training else output
+
+        return model.register_forward_hook(divide)
+
+    def clip_gradients(self, model_or_params: nn.Module | Iterable[Tensor]) -> Tensor | None:
+        """CGC: clip with the current threshold and mode (no-op when the plan has no ``grad_clip``)."""
+        threshold = self.clip_threshold
+        if threshold is None:
+            return None
+        return clip_gradients(model_or_params, threshold, self.clip_mode)
+
+
+def _ever_positive(plan: Plan, name: str) -> bool:
+    knob = plan.knob(name)
+    return knob.ends is None or max(knob.ends) > 0

@@ -1,0 +1,359 @@
+"""The training loop: short enough to read in one sitting.
+
+One epoch: the hooks set LR/WD/T/clip from the plan, each batch goes to the device and is
+normalized there, the training logits are divided by T (CST), the loss is computed per sample
+(``reduction="none"``, the ledger's food in later stages), gradients are clipped with the cyclical
+threshold (CGC), and metrics are summed on the device so no step waits for the host.
+After each epoch: evaluation (top-1, NLL, ECE; no temperature), one CSV row, TensorBoard, plots
+and an atomic checkpoint. Under ``torchrun`` the same code runs DistributedDataParallel.
+
+Example:
+    >>> from cycdata.config import parse_config
+    >>> import tempfile
+    >>> cfg = parse_config({"epochs": 2, "model": "test_resnet", "data": {"dataset": "synthetic:64"},
+    ...                     "runtime": {"progress": False}})
+    >>> result = train(cfg, tempfile.mkdtemp())
+    >>> result["epoch"], 0.0 <= result["test_accuracy"] <= 1.0
+    (1, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cycdata.config import ConfigError, RunConfig, config_to_dict, dump_config, parse_config, read_yaml
+from cycdata.plan import Plan
+from cycdata.samplers import ShuffledBatchSampler
+from cycdata.loaders.datasets import DatasetSplits, load_dataset
+from cycdata.loaders.torch_loader import BatchLoader
+from cycdata.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from cycdata.train.hooks import CyclicalHooks
+from cycdata.train.losses import cyclical_focal_loss, soft_cross_entropy
+from cycdata.train.metrics import EvalAccumulator, RunLogger
+
+__all__ = ["check_supported", "resume", "train"]
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: device, rank and world size."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(requested: str) -> Runtime:
+    """Pick the device and join the process group when launched by ``torchrun``."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if requested == "auto":
+        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("runtime.device", f"got {requested!r} but no CUDA device is available; use auto or cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device=device, rank=rank, world_size=world_size)
+
+
+# Features that parse and plan but that this trainer does not run yet: refused up front rather
+# than silently ignored.
+def check_supported(config: RunConfig) -> None:
+    """Refuse, before training, config features this trainer cannot honour."""
+    from cycdata.schedules import Constant
+
+    if not isinstance(config.data.batch_size, Constant):
+        raise ConfigError("data.batch_size", "a cyclical batch size is not supported by the trainer yet; use a number")
+    if config.augment.ladder != "none":
+        raise ConfigError("augment.ladder", "augmentation ladders are not supported by the trainer yet; use 'none'")
+    if config.self_paced is not None:
+        raise ConfigError("self_paced", "self-paced selection is not supported by the trainer yet; set it to null")
+    if config.semi_supervised is not None:
+        raise ConfigError("semi_supervised", "semi-supervised training is not supported by the trainer yet")
+
+
+def build_model(config: RunConfig, data: DatasetSplits) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(config.model, num_classes=data.num_classes, in_chans=data.in_chans)
+    except RuntimeError as error:  # timm's "Unknown model" is a RuntimeError
+        raise ConfigError("model", f"{error}; see timm.list_models() for names") from None
+
+
+def build_optimizer(model: nn.Module, config: RunConfig, plan: Plan) -> torch.optim.Optimizer:
+    """timm's optimizer factory: biases and norms go to a no-decay group, the rest to the decay group."""
+    import timm.optim
+
+    knob = plan.knob("optim.weight_decay")
+    start = max(knob.ends) if knob.ends else float(plan.at(0)["optim.weight_decay"])
+    options: dict[str, Any] = {"momentum": config.optim.momentum}
+    name = config.optim.name
+    if name == "sgd":
+        name = "sgd" if config.optim.nesterov else "momentum"  # timm: "sgd" is Nesterov, "momentum" is not
+    else:
+        options = {"betas": (config.optim.momentum, 0.999)}
+    # The initial weight decay only decides the group split; the hooks overwrite it before step 1.
+    return timm.optim.create_optimizer_v2(model, opt=name, lr=config.optim.lr, weight_decay=start, **options)
+
+
+def training_loss(config: RunConfig, plan_values: dict[str, float | int]):
+    """The per-sample training loss of this config, as a function of (logits, targets)."""
+    loss = config.loss
+    if loss.name == "cyclical_focal":
+        xi = float(plan_values["loss.xi"])
+        return lambda logits, target: cyclical_focal_loss(
+            logits, target, xi, gamma_pos=loss.gamma_pos, gamma_neg=loss.gamma_neg, gamma_hc=loss.gamma_hc,
+            eps=loss.label_smoothing, reduction="none")
+    return lambda logits, target: soft_cross_entropy(logits, target, label_smoothing=loss.label_smoothing,
+                                                     reduction="none")
+
+
+class Normalize(nn.Module):
+    """uint8 images on the device -> normalized float (done on the device, where it is cheap)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("scale", 1.0 / (torch.tensor(std).view(1, -1, 1, 1) * 255.0), persistent=False)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(self, images: Tensor) -> Tensor:
+        images = images.to(memory_format=self.memory_format)
+        return (images.float() - self.mean) * self.scale
+
+
+# --------------------------------------------------------------------------------------------
+# One epoch
+# --------------------------------------------------------------------------------------------
+
+
+def train_one_epoch(model: nn.Module, loader: BatchLoader, hooks: CyclicalHooks, optimizer: torch.optim.Optimizer,
+                    config: RunConfig, epoch: int, normalize: Normalize, runtime: Runtime,
+                    progress: Any) -> dict[str, float]:
+    model.train()
+    device = runtime.device
+    autocast = _autocast(config, device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct, samples, grad norm
+    steps = len(loader)
+    seen = 0
+    epoch_samples = max(1, loader.batch_sampler.samples_per_rank)  # type: ignore[attr-defined]
+    loss_fn = None
+    for step, (images, labels, _indices) in enumerate(loader):
+        # Per-step knobs advance by the share of this epoch's samples already seen (the one clock).
+        values = hooks.update(epoch, min(1.0, seen / epoch_samples))
+        if loss_fn is None or config.schedule_unit == "step":
+            loss_fn = training_loss(config, values)
+        seen += len(labels)
+        images = normalize(images.to(device, non_blocking=True))
+        labels = labels.to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+        per_sample = loss_fn(hooks.scale_logits(logits.float()), labels)
+        loss = per_sample.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = hooks.clip_gradients(model)
+        optimizer.step()
+        with torch.no_grad():
+            sums[0] += per_sample.detach().sum()
+            sums[1] += (logits.argmax(dim=1) == labels).sum()
+            sums[2] += labels.numel()
+            if grad_norm is not None:
+                sums[3] += grad_norm.detach().double()
+        if progress is not None and (step + 1) % config.runtime.log_every == 0:
+            progress.set_postfix(loss=f"{sums[0].item() / sums[2].item():.4f}", refresh=False)
+        if progress is not None:
+            progress.update(1)
+    if runtime.distributed:
+        dist.all_reduce(sums)
+    loss_sum, correct, samples, norm_sum = sums.tolist()
+    metrics = {"train_loss": loss_sum / samples, "train_accuracy": correct / samples}
+    if hooks.clip_threshold is not None and hooks.clip_mode == "norm":
+        metrics["grad_norm"] = norm_sum / (steps * runtime.world_size)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader, config: RunConfig, normalize: Normalize,
+             runtime: Runtime) -> dict[str, float]:
+    """Top-1, NLL and ECE on the plain (untempered) logits, reduced over all ranks."""
+    model.eval()
+    scores = EvalAccumulator(device=runtime.device)
+    autocast = _autocast(config, runtime.device)
+    for images, labels, _indices in loader:
+        with autocast:
+            logits = model(normalize(images.to(runtime.device, non_blocking=True)))
+        scores.add(logits, labels.to(runtime.device, non_blocking=True))
+    scores.all_reduce()
+    result = scores.compute()
+    return {"test_accuracy": result["accuracy"], "test_nll": result["nll"], "test_ece": result["ece"]}
+
+
+def _autocast(config: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if config.runtime.amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def train(config: RunConfig, out_dir: str | Path, *, resume_from: dict[str, Any] | None = None,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Train ``config`` into the run folder ``out_dir``; returns the last epoch's metrics row.
+
+    Args:
+        config: a validated run config.
+        out_dir: the run folder (config.yaml, metrics.csv, tensorboard/, *.png, last.pt, best.pt).
+        resume_from: a checkpoint state to continue from (see :func:`resume`).
+        stop_after: stop after this many epochs in total (a time-sliced job); resume later.
+    """
+    check_supported(config)
+    runtime = setup_runtime(config.runtime.device)
+    out = Path(out_dir)
+    data = load_dataset(config.data.dataset)
+    plan = Plan.from_config(config)
+
+    torch.manual_seed(config.seed)  # same initial weights on every rank (DDP broadcasts them anyway)
+    model = build_model(config, data).to(runtime.device)
+    channels_last = config.runtime.channels_last and runtime.device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, config, plan)
+    clip_mode = config.grad_clip.mode if config.grad_clip is not None else "norm"
+    hooks = CyclicalHooks(optimizer, plan, clip_mode=clip_mode)
+    normalize = Normalize(data.mean, data.std, channels_last).to(runtime.device)
+
+    start_epoch, best_accuracy, history = 0, -math.inf, []
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        start_epoch, best_accuracy, history = resume_from["epoch"], resume_from["best_accuracy"], resume_from["history"]
+        restore_rng_state(resume_from["rng"][min(runtime.rank, len(resume_from["rng"]) - 1)])
+
+    train_model: nn.Module = model
+    if runtime.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    if config.runtime.compile:
+        train_model = torch.compile(train_model)  # type: ignore[assignment]
+
+    pin = runtime.device.type == "cuda"
+    train_sampler = ShuffledBatchSampler(len(data.train), int(plan.at(0)["data.batch_size"]), seed=config.seed,
+                                         rank=runtime.rank, world_size=runtime.world_size)
+    train_loader = BatchLoader(data.train, train_sampler, num_workers=config.data.num_workers, pin_memory=pin)
+    test_sampler = ShuffledBatchSampler(len(data.test), config.data.eval_batch_size, shuffle=False,
+                                        rank=runtime.rank, world_size=runtime.world_size)
+    test_loader = BatchLoader(data.test, test_sampler, num_workers=config.data.num_workers, pin_memory=pin)
+
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(config))
+    logger = RunLogger(out, history, enabled=runtime.is_main)
+    show_progress = config.runtime.progress and runtime.is_main
+    last_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
+    row: dict[str, Any] = history[-1] if history else {}
+    try:
+        for epoch in range(start_epoch, last_epoch):
+            started = time.perf_counter()
+            train_sampler.set_epoch(epoch)
+            progress = _progress_bar(epoch, config.epochs, len(train_loader)) if show_progress else None
+            train_metrics = train_one_epoch(train_model, train_loader, hooks, optimizer, config, epoch,
+                                            normalize, runtime, progress)
+            train_seconds = time.perf_counter() - started
+            test_metrics = evaluate(model, test_loader, config, normalize, runtime)
+            if progress is not None:
+                progress.close()
+            row = {"epoch": epoch, **plan.at(epoch), **train_metrics, **test_metrics,
+                   "images_per_second": len(train_sampler.indices()) * runtime.world_size / train_seconds,
+                   "epoch_seconds": time.perf_counter() - started}
+            logger.log_epoch(row)
+            best_accuracy = _save(out, runtime, model, optimizer, config, epoch, row, best_accuracy, logger.history)
+            if runtime.is_main and config.runtime.progress:
+                print(_summary(row, config.epochs), flush=True)
+    finally:
+        logger.close()
+    return row
+
+
+def _save(out: Path, runtime: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig,
+          epoch: int, row: dict[str, Any], best_accuracy: float, history: list[dict[str, Any]]) -> float:
+    """Atomic last.pt every epoch, best.pt when test accuracy improves. RNG states of every rank."""
+    rng = [capture_rng_state()]
+    if runtime.distributed:
+        gathered: list[Any] = [None] * runtime.world_size
+        dist.all_gather_object(gathered, rng[0])
+        rng = gathered
+    improved = row["test_accuracy"] > best_accuracy
+    best_accuracy = max(best_accuracy, row["test_accuracy"])
+    if runtime.is_main:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                 "best_accuracy": best_accuracy, "history": history, "rng": rng,
+                 "config": config_to_dict(config), "data_state": {}}
+        save_checkpoint(state, out / "last.pt")
+        if improved:
+            save_checkpoint(state, out / "best.pt")
+    if runtime.distributed:
+        dist.barrier()
+    return best_accuracy
+
+
+def resume(run_dir: str | Path, stop_after: int | None = None) -> dict[str, Any]:
+    """Continue a killed or stopped run from ``run_dir/last.pt`` with the run's saved config."""
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir / "last.pt")
+    config = parse_config(read_yaml(run_dir / "config.yaml"))
+    if state["epoch"] >= config.epochs:
+        return state["history"][-1]
+    return train(config, run_dir, resume_from=state, stop_after=stop_after)
+
+
+def _progress_bar(epoch: int, epochs: int, steps: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True, file=sys.stdout)
+
+
+def _summary(row: dict[str, Any], epochs: int) -> str:
+    knobs = "  ".join(f"{name} {value:.4g}" for name, value in row.items()
+                      if name.startswith(("optim.", "data.", "temperature", "grad_clip", "loss.")))
+    return (f"epoch {row['epoch'] + 1:>3}/{epochs}  loss {row['train_loss']:.4f}  "
+            f"train {100 * row['train_accuracy']:.2f}%  test {100 * row['test_accuracy']:.2f}%  "
+            f"nll {row['test_nll']:.4f}  ece {row['test_ece']:.4f}  {knobs}  "
+            f"{row['images_per_second']:.0f} img/s  {row['epoch_seconds']:.1f}s")
