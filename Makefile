@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/cycdata plan --plot runs/demo/plan.png
+	$(VENV)/bin/cycdata train
 
 test: $(STAMP)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -47,10 +47,12 @@ class ShuffledBatchSampler:
             number of samples (the permutation wraps around to pad, as DistributedSampler does).
         shuffle: shuffle each epoch (False: dataset order, for evaluation).
         drop_last: drop the last incomplete batch.
+        pad: give every rank the same number of samples by wrapping around (training, where
+            ranks step together); ``False`` splits exactly, each sample once (evaluation).
     """
 
     def __init__(self, size: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, drop_last: bool = False) -> None:
+                 shuffle: bool = True, drop_last: bool = False, pad: bool = True) -> None:
         if size <= 0 or batch_size <= 0:
             raise ValueError(f"need size > 0 and batch_size > 0, got size={size}, batch_size={batch_size}")
         if not 0 <= rank < world_size:
@@ -62,6 +64,7 @@ class ShuffledBatchSampler:
         self.world_size = world_size
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.pad = pad
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -69,7 +72,9 @@ class ShuffledBatchSampler:
 
     @property
     def samples_per_rank(self) -> int:
-        return math.ceil(self.size / self.world_size)
+        if self.pad:
+            return math.ceil(self.size / self.world_size)
+        return len(range(self.rank, self.size, self.world_size))
 
     def indices(self) -> torch.Tensor:
         """This rank's indices for the current epoch, in order."""
@@ -78,7 +83,7 @@ class ShuffledBatchSampler:
         else:
             order = torch.arange(self.size)
         total = self.samples_per_rank * self.world_size
-        if total > self.size:
+        if self.pad and total > self.size:
             order = torch.cat([order, order[: total - self.size]])
         return order[self.rank :: self.world_size]
 

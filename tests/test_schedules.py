@@ -288,3 +288,4 @@ def test_clock_per_step_counts_sample_fraction() -> None:
         per_step.progress(1, 1.5)
     with pytest.raises(ValueError, match="epochs must be an integer >= 2"):
         Clock(epochs=1)
+

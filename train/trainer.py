@@ -12,7 +12,9 @@ Example:
     >>> import tempfile
     >>> cfg = parse_config({"epochs": 2, "model": "test_resnet", "data": {"dataset": "synthetic:64"},
     ...                     "runtime": {"progress": False}})
-    >>> result = train(cfg, tempfile.mkdtemp())
+    >>> result = train(cfg, tempfile.mkdtemp())  # doctest: +ELLIPSIS
+    epoch   1/2  loss ...
+    epoch   2/2  loss ...
     >>> result["epoch"], 0.0 <= result["test_accuracy"] <= 1.0
     (1, True)
 """
@@ -137,8 +139,8 @@ def training_loss(config: RunConfig, plan_values: dict[str, float | int]):
         xi = float(plan_values["loss.xi"])
         return lambda logits, target: cyclical_focal_loss(
             logits, target, xi, gamma_pos=loss.gamma_pos, gamma_neg=loss.gamma_neg, gamma_hc=loss.gamma_hc,
-            eps=loss.label_smoothing, reduction="none")
-    return lambda logits, target: soft_cross_entropy(logits, target, label_smoothing=loss.label_smoothing,
+            eps=loss.smoothing, reduction="none")
+    return lambda logits, target: soft_cross_entropy(logits, target, label_smoothing=loss.smoothing,
                                                      reduction="none")
 
 
@@ -278,7 +280,7 @@ def train(config: RunConfig, out_dir: str | Path, *, resume_from: dict[str, Any]
     train_sampler = ShuffledBatchSampler(len(data.train), int(plan.at(0)["data.batch_size"]), seed=config.seed,
                                          rank=runtime.rank, world_size=runtime.world_size)
     train_loader = BatchLoader(data.train, train_sampler, num_workers=config.data.num_workers, pin_memory=pin)
-    test_sampler = ShuffledBatchSampler(len(data.test), config.data.eval_batch_size, shuffle=False,
+    test_sampler = ShuffledBatchSampler(len(data.test), config.data.eval_batch_size, shuffle=False, pad=False,
                                         rank=runtime.rank, world_size=runtime.world_size)
     test_loader = BatchLoader(data.test, test_sampler, num_workers=config.data.num_workers, pin_memory=pin)
 
@@ -301,11 +303,11 @@ def train(config: RunConfig, out_dir: str | Path, *, resume_from: dict[str, Any]
             if progress is not None:
                 progress.close()
             row = {"epoch": epoch, **plan.at(epoch), **train_metrics, **test_metrics,
-                   "images_per_second": len(train_sampler.indices()) * runtime.world_size / train_seconds,
+                   "images_per_second": train_sampler.samples_per_rank * runtime.world_size / train_seconds,
                    "epoch_seconds": time.perf_counter() - started}
             logger.log_epoch(row)
             best_accuracy = _save(out, runtime, model, optimizer, config, epoch, row, best_accuracy, logger.history)
-            if runtime.is_main and config.runtime.progress:
+            if runtime.is_main:
                 print(_summary(row, config.epochs), flush=True)
     finally:
         logger.close()

@@ -1,0 +1,182 @@
+"""The trainer end to end: run folder, knob values in metrics.csv and in the optimizer, resume
+equivalence, DDP with 2 gloo processes, and bad input refused before training."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from cycdata.train.checkpoint import CheckpointError, load_checkpoint
+from cycdata.train.trainer import resume, train
+
+from cycdata.clock import Clock
+from cycdata.config import ConfigError, load_config
+from cycdata.schedules import Cyclical
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["model=test_resnet", "runtime.progress=false", "data.num_workers=0"]
+
+
+def read_metrics(folder: Path) -> list[dict[str, str]]:
+    with (folder / "metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cycdata.train.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env=env)
+
+
+def test_cli_train_writes_the_run_folder_with_spec_knob_values(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run_cli("train", "epochs=3", *FAST, "optim.weight_decay={easy: 1.0e-5, hard: 8.0e-5}",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    for name in ("config.yaml", "metrics.csv", "knobs.png", "metrics.png", "last.pt", "best.pt"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert load_config(out / "config.yaml").epochs == 3
+    rows = read_metrics(out)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    clock = Clock(3)
+    for row in rows:
+        t = clock.progress(int(row["epoch"]))
+        assert float(row["optim.weight_decay"]) == pytest.approx(Cyclical(1e-5, 8e-5)(t), abs=1e-12)
+        assert float(row["temperature"]) == pytest.approx(Cyclical(0.5, 2.0)(t))
+        assert float(row["grad_clip"]) == pytest.approx(Cyclical(0.5, 2.0)(t))
+        for metric in ("train_loss", "train_accuracy", "test_accuracy", "test_nll", "test_ece", "images_per_second"):
+            assert float(row[metric]) >= 0
+    # easy -> hard -> easy for E=3, f=2: t = 0, 0.5, 1
+    assert [float(r["temperature"]) for r in rows] == pytest.approx([0.5, 2.0, 0.5])
+    assert float(rows[-1]["test_accuracy"]) > 0.5  # it learns: chance is 0.1
+    assert "epoch   3/3" in result.stdout and "test" in result.stdout
+
+
+def test_optimizer_param_groups_carry_the_planned_values(tmp_path: Path) -> None:
+    seen: list[tuple[float, float, float]] = []
+
+    def record(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        groups = optimizer.param_groups
+        decay = [g["weight_decay"] for g in groups if g["weight_decay"] > 0]
+        no_decay = [g["weight_decay"] for g in groups if g["weight_decay"] == 0]
+        assert len(decay) == 1 and len(no_decay) == 1
+        seen.append((decay[0], groups[0]["lr"], groups[1]["lr"]))
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        config = load_config(None, ["epochs=3", *FAST, "data.dataset=synthetic:256", "data.batch_size=64",
+                                    "optim.weight_decay={easy: 1.0e-5, hard: 8.0e-5}"])
+        train(config, tmp_path)
+    finally:
+        handle.remove()
+    steps_per_epoch = 4
+    assert len(seen) == 3 * steps_per_epoch
+    rows = read_metrics(tmp_path)
+    for step, (weight_decay, lr0, lr1) in enumerate(seen):
+        epoch = step // steps_per_epoch
+        assert weight_decay == pytest.approx(float(rows[epoch]["optim.weight_decay"]), abs=1e-15)
+        assert lr0 == lr1 > 0
+    lrs = [lr for _, lr, _ in seen]
+    assert lrs[0] == pytest.approx(0.01)  # warmup starts at 10% of the peak LR
+    assert lrs[steps_per_epoch] == pytest.approx(max(lrs))  # warmup ends after epoch 0, cosine follows
+    assert lrs[-1] < lrs[steps_per_epoch]
+
+
+def test_resume_after_epoch_k_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    overrides = ["epochs=4", *FAST, "data.dataset=synthetic:256", "data.batch_size=64"]
+    config = load_config(None, overrides)
+    straight = tmp_path / "straight"
+    train(config, straight)
+    interrupted = tmp_path / "interrupted"
+    train(config, interrupted, stop_after=2)
+    assert len(read_metrics(interrupted)) == 2
+    assert load_checkpoint(interrupted / "last.pt")["epoch"] == 2
+    resume(interrupted)
+    a = load_checkpoint(straight / "last.pt")
+    b = load_checkpoint(interrupted / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    rows_a, rows_b = read_metrics(straight), read_metrics(interrupted)
+    assert [r["test_accuracy"] for r in rows_a] == [r["test_accuracy"] for r in rows_b]
+    assert [r["train_loss"] for r in rows_a] == [r["train_loss"] for r in rows_b]
+
+
+def test_cli_resume_continues_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    config = load_config(None, ["epochs=3", *FAST, "data.dataset=synthetic:128"])
+    train(config, out, stop_after=1)
+    again = run_cli("train", "epochs=3", *FAST, "data.dataset=synthetic:128", "--out", str(out))
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = run_cli("train", "--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert [int(r["epoch"]) for r in read_metrics(out)] == [0, 1, 2]
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(load_config(None, ["epochs=2", *FAST, "data.dataset=synthetic:64"]), out, stop_after=1)
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or not a cycdata checkpoint"):
+        resume(out)
+    result = run_cli("train", "--resume", str(out))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["data.dataset=cifar10:/nonexistent/cifar"], "cifar"),
+        (["model=no_such_model"], "model:"),
+        (["data.batch_size={easy: 256, hard: 64}"], "data.batch_size"),
+        (["epochs=1"], "epochs: got 1, must be >= 2"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path: Path, args: list[str], words: str) -> None:
+    out = tmp_path / "run"
+    result = run_cli("train", *FAST, *args, "--out", str(out))
+    assert result.returncode == 2
+    assert words in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (out / "last.pt").exists()
+
+
+def test_unsupported_features_are_refused_not_ignored() -> None:
+    from cycdata.train.trainer import check_supported
+
+    for override in ("self_paced.keep=0.5", "semi_supervised.labeled=100", "augment.ladder=default"):
+        with pytest.raises(ConfigError, match="not supported by the trainer yet"):
+            check_supported(load_config(None, [override]))
+
+
+def test_cyclical_focal_loss_trains(tmp_path: Path) -> None:
+    config = load_config(None, ["epochs=2", *FAST, "data.dataset=synthetic:128", "loss.name=cyclical_focal",
+                                "loss.gamma_pos=2", "loss.gamma_neg=2", "loss.gamma_hc=3"])
+    row = train(config, tmp_path)
+    assert row["loss.xi"] == 1.0  # last epoch of E=2: easy end
+    assert [float(r["loss.xi"]) for r in read_metrics(tmp_path)] == [1.0, 1.0]
+
+
+def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "cycdata.train.cli", "train", "epochs=2",
+         *FAST, "data.dataset=synthetic:200", "data.batch_size=50", "runtime.progress=true", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(out)
+    assert len(rows) == 2  # written once, by rank 0
+    assert result.stdout.count("epoch   2/2") == 1  # one summary line, from rank 0
+    state = load_checkpoint(out / "last.pt")
+    assert len(state["rng"]) == 2  # RNG state of both ranks
+    assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped
