@@ -15,21 +15,24 @@ import statistics
 import time
 
 import torch
-
-from cycdata.config import load_config
 from cycdata.loaders.datasets import load_dataset
 from cycdata.loaders.torch_loader import BatchLoader
-from cycdata.plan import Plan
-from cycdata.samplers import ShuffledBatchSampler
 from cycdata.train.hooks import CyclicalHooks
 from cycdata.train.trainer import Normalize, build_model, build_optimizer, setup_runtime, train_one_epoch
+
+from cycdata.config import load_config
+from cycdata.plan import Plan
+from cycdata.samplers import ShuffledBatchSampler
 
 VARIANTS = {
     # Plain: constant weight decay, no temperature, no clipping.
     "off": ["optim.weight_decay=5.0e-5", "temperature=null", "grad_clip=null"],
     # Every optimizer-side knob cyclical.
-    "on": ["optim.weight_decay={easy: 1.0e-5, hard: 5.0e-4}", "temperature={easy: 0.5, hard: 2.0}",
-           "grad_clip={easy: 0.5, hard: 2.0, mode: norm}"],
+    "on": [
+        "optim.weight_decay={easy: 1.0e-5, hard: 5.0e-4}",
+        "temperature={easy: 0.5, hard: 2.0}",
+        "grad_clip={easy: 0.5, hard: 2.0, mode: norm}",
+    ],
 }
 
 
@@ -79,16 +82,22 @@ def main() -> None:
             times[name].append(one_epoch(name, repeat + 1))
     medians = {name: statistics.median(values) for name, values in times.items()}
     result = {
-        "device": str(runtime.device), "model": args.model, "samples_per_epoch": subset_size,
-        "median_epoch_seconds": medians, "epoch_seconds": times,
-        "overhead_ratio": medians["on"] / medians["off"], "target": 1.03,
+        "device": str(runtime.device),
+        "model": args.model,
+        "samples_per_epoch": subset_size,
+        "median_epoch_seconds": medians,
+        "epoch_seconds": times,
+        "overhead_ratio": medians["on"] / medians["off"],
+        "target": 1.03,
     }
     if args.json:
         print(json.dumps(result))
     else:
         print(f"device {result['device']}, model {args.model}, {subset_size} samples/epoch, {args.repeats} epochs each")
         for name in runs:
-            print(f"  hooks {name:>3}: median {medians[name]:.3f} s/epoch  ({', '.join(f'{t:.3f}' for t in times[name])})")
+            print(
+                f"  hooks {name:>3}: median {medians[name]:.3f} s/epoch  ({', '.join(f'{t:.3f}' for t in times[name])})"
+            )
         print(f"  overhead ratio on/off: {result['overhead_ratio']:.4f}  (target <= 1.03)")
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 from cycdata.train.checkpoint import CheckpointError, load_checkpoint
 from cycdata.train.trainer import resume, train
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cycdata.clock import Clock
 from cycdata.config import ConfigError, load_config

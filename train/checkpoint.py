@@ -22,8 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CHECKPOINT_VERSION", "CheckpointError", "capture_rng_state", "load_checkpoint", "restore_rng_state",
-           "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "CheckpointError",
+    "capture_rng_state",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
 
 CHECKPOINT_VERSION = 1
 
@@ -57,7 +63,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a cycdata checkpoint): {error}") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path} (truncated or not a cycdata checkpoint): {error}"
+        ) from None
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} is not a cycdata checkpoint of version {CHECKPOINT_VERSION}")
     return state
@@ -65,8 +73,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def capture_rng_state() -> dict[str, Any]:
     """The global RNG states (Python, NumPy, torch CPU and CUDA) for exact resume."""
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
-                             "torch": torch.get_rng_state()}
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

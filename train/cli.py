@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cycdata.config import ConfigError, RunConfig, load_config
 from cycdata.loaders.datasets import DatasetError
-from cycdata.plan import Plan
 from cycdata.train.checkpoint import CheckpointError
+
+from cycdata.config import ConfigError, RunConfig, load_config
+from cycdata.plan import Plan
 
 __all__ = ["main"]
 
@@ -77,15 +78,19 @@ def _command_train(args: argparse.Namespace) -> int:
     config_path, overrides = _split_config_and_overrides(args.items)
     if args.resume:
         if config_path or overrides or args.out:
-            raise ConfigError("arguments", "--resume DIR continues the run with its saved DIR/config.yaml; "
-                              "give no CONFIG, KEY=VALUE or --out with it")
+            raise ConfigError(
+                "arguments",
+                "--resume DIR continues the run with its saved DIR/config.yaml; "
+                "give no CONFIG, KEY=VALUE or --out with it",
+            )
         resume(args.resume)
         return 0
     config = load_config(config_path, overrides)
     out = Path(args.out) if args.out else _default_run_dir(config)
     if (out / "last.pt").exists():
-        raise ConfigError("--out", f"{out} already holds a run (last.pt); continue it with --resume {out} "
-                          "or choose another --out")
+        raise ConfigError(
+            "--out", f"{out} already holds a run (last.pt); continue it with --resume {out} or choose another --out"
+        )
     train(config, out)
     print(f"run folder: {out}")
     return 0
@@ -108,8 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(handler=_command_plan)
 
     run = commands.add_parser("train", help="train a timm model with the cyclical knobs of a config")
-    run.add_argument("items", nargs="*", metavar="[CONFIG] [KEY=VALUE]",
-                     help="a YAML config (default: the default recipe on the embedded MNIST) and dotted overrides")
+    run.add_argument(
+        "items",
+        nargs="*",
+        metavar="[CONFIG] [KEY=VALUE]",
+        help="a YAML config (default: the default recipe on the embedded MNIST) and dotted overrides",
+    )
     run.add_argument("--out", metavar="DIR", help="run folder (default: runs/DATASET-MODEL-TIME)")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     run.set_defaults(handler=_command_train)
@@ -130,8 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cycdata {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"cycdata {args.command}: interrupted; the last finished epoch is in last.pt (use --resume)",
-              file=sys.stderr)
+        print(
+            f"cycdata {args.command}: interrupted; the last finished epoch is in last.pt (use --resume)",
+            file=sys.stderr,
+        )
         return 130
 
 

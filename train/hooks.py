@@ -26,7 +26,8 @@ Example:
     >>> optimizer = torch.optim.SGD(groups, lr=0.1)
     >>> hooks = CyclicalHooks(optimizer, Plan.from_config(parse_config({"epochs": 10})))
     >>> knobs = hooks.update(epoch=4)
-    >>> optimizer.param_groups[0]["weight_decay"] == knobs["optim.weight_decay"], optimizer.param_groups[1]["weight_decay"]
+    >>> decay, no_decay = optimizer.param_groups
+    >>> decay["weight_decay"] == knobs["optim.weight_decay"], no_decay["weight_decay"]
     (True, 0.0)
 """
 
@@ -53,7 +54,9 @@ def _parameters(model_or_params: nn.Module | Iterable[Tensor], exclude_head: boo
     return [p for p in model_or_params if p.grad is not None]
 
 
-def clip_gradients(model_or_params: nn.Module | Iterable[Tensor], threshold: float, mode: str = "norm") -> Tensor | None:
+def clip_gradients(
+    model_or_params: nn.Module | Iterable[Tensor], threshold: float, mode: str = "norm"
+) -> Tensor | None:
     """Clip gradients in place; returns the total gradient norm before clipping (``norm`` mode).
 
     ``norm`` clips the global L2 norm, ``value`` clamps every element to ±threshold, ``agc`` is
@@ -93,8 +96,9 @@ class CyclicalHooks:
     restores everything.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, plan: Plan, *, clip_mode: str = "norm",
-                 set_lr: bool = True) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, plan: Plan, *, clip_mode: str = "norm", set_lr: bool = True
+    ) -> None:
         if clip_mode not in CLIP_MODES:
             raise ValueError(f"unknown clip mode {clip_mode!r}; use one of {', '.join(CLIP_MODES)}")
         self.optimizer = optimizer

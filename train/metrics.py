@@ -121,9 +121,22 @@ class RunLogger:
         epochs = [row["epoch"] for row in self.history]
         groups = {
             "metrics.png": [("train_loss", "test_nll"), ("train_accuracy", "test_accuracy"), ("test_ece",)],
-            "knobs.png": [(name,) for name in self.history[-1] if name.startswith(("optim.", "data.", "temperature",
-                                                                                   "grad_clip", "loss.", "augment.",
-                                                                                   "self_paced.", "semi_supervised."))],
+            "knobs.png": [
+                (name,)
+                for name in self.history[-1]
+                if name.startswith(
+                    (
+                        "optim.",
+                        "data.",
+                        "temperature",
+                        "grad_clip",
+                        "loss.",
+                        "augment.",
+                        "self_paced.",
+                        "semi_supervised.",
+                    )
+                )
+            ],
         }
         for filename, panels in groups.items():
             panels = [panel for panel in panels if any(name in self.history[-1] for name in panel)]
@@ -133,8 +146,13 @@ class RunLogger:
             for axis, panel in zip(axes[:, 0], panels):
                 for name in panel:
                     if name in self.history[-1]:
-                        axis.plot(epochs, [row.get(name, math.nan) for row in self.history], marker="o",
-                                  markersize=3, label=name)
+                        axis.plot(
+                            epochs,
+                            [row.get(name, math.nan) for row in self.history],
+                            marker="o",
+                            markersize=3,
+                            label=name,
+                        )
                 axis.legend(loc="best", fontsize=8)
                 axis.grid(alpha=0.3)
             axes[-1, 0].set_xlabel("epoch")

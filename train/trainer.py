@@ -32,18 +32,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from cycdata.config import ConfigError, RunConfig, config_to_dict, dump_config, parse_config, read_yaml
-from cycdata.plan import Plan
-from cycdata.samplers import ShuffledBatchSampler
 from cycdata.loaders.datasets import DatasetSplits, load_dataset
 from cycdata.loaders.torch_loader import BatchLoader
 from cycdata.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from cycdata.train.hooks import CyclicalHooks
 from cycdata.train.losses import cyclical_focal_loss, soft_cross_entropy
 from cycdata.train.metrics import EvalAccumulator, RunLogger
+from torch import Tensor, nn
+
+from cycdata.config import ConfigError, RunConfig, config_to_dict, dump_config, parse_config, read_yaml
+from cycdata.plan import Plan
+from cycdata.samplers import ShuffledBatchSampler
 
 __all__ = ["check_supported", "resume", "train"]
 
@@ -138,10 +137,16 @@ def training_loss(config: RunConfig, plan_values: dict[str, float | int]):
     if loss.name == "cyclical_focal":
         xi = float(plan_values["loss.xi"])
         return lambda logits, target: cyclical_focal_loss(
-            logits, target, xi, gamma_pos=loss.gamma_pos, gamma_neg=loss.gamma_neg, gamma_hc=loss.gamma_hc,
-            eps=loss.smoothing, reduction="none")
-    return lambda logits, target: soft_cross_entropy(logits, target, label_smoothing=loss.smoothing,
-                                                     reduction="none")
+            logits,
+            target,
+            xi,
+            gamma_pos=loss.gamma_pos,
+            gamma_neg=loss.gamma_neg,
+            gamma_hc=loss.gamma_hc,
+            eps=loss.smoothing,
+            reduction="none",
+        )
+    return lambda logits, target: soft_cross_entropy(logits, target, label_smoothing=loss.smoothing, reduction="none")
 
 
 class Normalize(nn.Module):
@@ -163,9 +168,17 @@ class Normalize(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def train_one_epoch(model: nn.Module, loader: BatchLoader, hooks: CyclicalHooks, optimizer: torch.optim.Optimizer,
-                    config: RunConfig, epoch: int, normalize: Normalize, runtime: Runtime,
-                    progress: Any) -> dict[str, float]:
+def train_one_epoch(
+    model: nn.Module,
+    loader: BatchLoader,
+    hooks: CyclicalHooks,
+    optimizer: torch.optim.Optimizer,
+    config: RunConfig,
+    epoch: int,
+    normalize: Normalize,
+    runtime: Runtime,
+    progress: Any,
+) -> dict[str, float]:
     model.train()
     device = runtime.device
     autocast = _autocast(config, device)
@@ -210,8 +223,9 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, hooks: CyclicalHooks,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader, config: RunConfig, normalize: Normalize,
-             runtime: Runtime) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, loader: BatchLoader, config: RunConfig, normalize: Normalize, runtime: Runtime
+) -> dict[str, float]:
     """Top-1, NLL and ECE on the plain (untempered) logits, reduced over all ranks."""
     model.eval()
     scores = EvalAccumulator(device=runtime.device)
@@ -236,8 +250,9 @@ def _autocast(config: RunConfig, device: torch.device) -> contextlib.AbstractCon
 # --------------------------------------------------------------------------------------------
 
 
-def train(config: RunConfig, out_dir: str | Path, *, resume_from: dict[str, Any] | None = None,
-          stop_after: int | None = None) -> dict[str, Any]:
+def train(
+    config: RunConfig, out_dir: str | Path, *, resume_from: dict[str, Any] | None = None, stop_after: int | None = None
+) -> dict[str, Any]:
     """Train ``config`` into the run folder ``out_dir``; returns the last epoch's metrics row.
 
     Args:
@@ -272,16 +287,28 @@ def train(config: RunConfig, out_dir: str | Path, *, resume_from: dict[str, Any]
     train_model: nn.Module = model
     if runtime.distributed:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        )
     if config.runtime.compile:
         train_model = torch.compile(train_model)  # type: ignore[assignment]
 
     pin = runtime.device.type == "cuda"
-    train_sampler = ShuffledBatchSampler(len(data.train), int(plan.at(0)["data.batch_size"]), seed=config.seed,
-                                         rank=runtime.rank, world_size=runtime.world_size)
+    train_sampler = ShuffledBatchSampler(
+        len(data.train),
+        int(plan.at(0)["data.batch_size"]),
+        seed=config.seed,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+    )
     train_loader = BatchLoader(data.train, train_sampler, num_workers=config.data.num_workers, pin_memory=pin)
-    test_sampler = ShuffledBatchSampler(len(data.test), config.data.eval_batch_size, shuffle=False, pad=False,
-                                        rank=runtime.rank, world_size=runtime.world_size)
+    test_sampler = ShuffledBatchSampler(
+        len(data.test),
+        config.data.eval_batch_size,
+        shuffle=False,
+        pad=False,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+    )
     test_loader = BatchLoader(data.test, test_sampler, num_workers=config.data.num_workers, pin_memory=pin)
 
     if runtime.is_main:
@@ -296,15 +323,21 @@ def train(config: RunConfig, out_dir: str | Path, *, resume_from: dict[str, Any]
             started = time.perf_counter()
             train_sampler.set_epoch(epoch)
             progress = _progress_bar(epoch, config.epochs, len(train_loader)) if show_progress else None
-            train_metrics = train_one_epoch(train_model, train_loader, hooks, optimizer, config, epoch,
-                                            normalize, runtime, progress)
+            train_metrics = train_one_epoch(
+                train_model, train_loader, hooks, optimizer, config, epoch, normalize, runtime, progress
+            )
             train_seconds = time.perf_counter() - started
             test_metrics = evaluate(model, test_loader, config, normalize, runtime)
             if progress is not None:
                 progress.close()
-            row = {"epoch": epoch, **plan.at(epoch), **train_metrics, **test_metrics,
-                   "images_per_second": train_sampler.samples_per_rank * runtime.world_size / train_seconds,
-                   "epoch_seconds": time.perf_counter() - started}
+            row = {
+                "epoch": epoch,
+                **plan.at(epoch),
+                **train_metrics,
+                **test_metrics,
+                "images_per_second": train_sampler.samples_per_rank * runtime.world_size / train_seconds,
+                "epoch_seconds": time.perf_counter() - started,
+            }
             logger.log_epoch(row)
             best_accuracy = _save(out, runtime, model, optimizer, config, epoch, row, best_accuracy, logger.history)
             if runtime.is_main:
@@ -314,8 +347,17 @@ def train(config: RunConfig, out_dir: str | Path, *, resume_from: dict[str, Any]
     return row
 
 
-def _save(out: Path, runtime: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig,
-          epoch: int, row: dict[str, Any], best_accuracy: float, history: list[dict[str, Any]]) -> float:
+def _save(
+    out: Path,
+    runtime: Runtime,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: RunConfig,
+    epoch: int,
+    row: dict[str, Any],
+    best_accuracy: float,
+    history: list[dict[str, Any]],
+) -> float:
     """Atomic last.pt every epoch, best.pt when test accuracy improves. RNG states of every rank."""
     rng = [capture_rng_state()]
     if runtime.distributed:
@@ -325,9 +367,16 @@ def _save(out: Path, runtime: Runtime, model: nn.Module, optimizer: torch.optim.
     improved = row["test_accuracy"] > best_accuracy
     best_accuracy = max(best_accuracy, row["test_accuracy"])
     if runtime.is_main:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                 "best_accuracy": best_accuracy, "history": history, "rng": rng,
-                 "config": config_to_dict(config), "data_state": {}}
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1,
+            "best_accuracy": best_accuracy,
+            "history": history,
+            "rng": rng,
+            "config": config_to_dict(config),
+            "data_state": {},
+        }
         save_checkpoint(state, out / "last.pt")
         if improved:
             save_checkpoint(state, out / "best.pt")
@@ -353,9 +402,14 @@ def _progress_bar(epoch: int, epochs: int, steps: int) -> Any:
 
 
 def _summary(row: dict[str, Any], epochs: int) -> str:
-    knobs = "  ".join(f"{name} {value:.4g}" for name, value in row.items()
-                      if name.startswith(("optim.", "data.", "temperature", "grad_clip", "loss.")))
-    return (f"epoch {row['epoch'] + 1:>3}/{epochs}  loss {row['train_loss']:.4f}  "
-            f"train {100 * row['train_accuracy']:.2f}%  test {100 * row['test_accuracy']:.2f}%  "
-            f"nll {row['test_nll']:.4f}  ece {row['test_ece']:.4f}  {knobs}  "
-            f"{row['images_per_second']:.0f} img/s  {row['epoch_seconds']:.1f}s")
+    knobs = "  ".join(
+        f"{name} {value:.4g}"
+        for name, value in row.items()
+        if name.startswith(("optim.", "data.", "temperature", "grad_clip", "loss."))
+    )
+    return (
+        f"epoch {row['epoch'] + 1:>3}/{epochs}  loss {row['train_loss']:.4f}  "
+        f"train {100 * row['train_accuracy']:.2f}%  test {100 * row['test_accuracy']:.2f}%  "
+        f"nll {row['test_nll']:.4f}  ece {row['test_ece']:.4f}  {knobs}  "
+        f"{row['images_per_second']:.0f} img/s  {row['epoch_seconds']:.1f}s"
+    )
