@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# GPU smoke check and figures, for a CUDA machine that has torch and timm but not this package:
+# trains the default recipe (bf16 autocast, channels_last), measures the hook overhead, and runs
+# the torch.compile path. Writes figures to ${OUT:-/tmp/cycdata-gpu}.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/cycdata-gpu}
+mkdir -p "$OUT"
+# Lay the package out as it installs (cycdata.loaders -> loaders/ ...) without building it.
+PKG=$(mktemp -d)
+cp -r cycdata "$PKG/" && cp -r loaders train augment_ladder "$PKG/cycdata/"
+export PYTHONPATH="$PKG:${PYTHONPATH:-}"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
+
+echo "== default recipe on the GPU"
+TIMEFORMAT='wall seconds: %R'
+time (python3 -m cycdata.train.cli train runtime.progress=false --out /tmp/gpu-default 2>&1 | tee "$OUT/default.log")
+cp /tmp/gpu-default/metrics.csv "$OUT/default_metrics.csv"
+
+echo "== hook overhead"
+python3 benchmarks/hooks_overhead.py --repeats 8 --samples 4000 2>&1 | tee "$OUT/hooks_overhead.txt"
+
+echo "== torch.compile path"
+python3 -m cycdata.train.cli train epochs=3 runtime.compile=true runtime.progress=false --out /tmp/gpu-compiled 2>&1 \
+    | tee "$OUT/compile.log"
