@@ -11,6 +11,7 @@ PKG=$(mktemp -d)
 cp -r cycdata "$PKG/" && cp -r loaders train augment_ladder "$PKG/cycdata/"
 export PYTHONPATH="$PKG:${PYTHONPATH:-}"
 export PYTHONUNBUFFERED=1
+export PYTHONSAFEPATH=1  # `python -m` must not import ./cycdata (the core alone) from the checkout
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
 
@@ -20,7 +21,9 @@ time (python3 -m cycdata.train.cli train runtime.progress=false --out /tmp/gpu-d
 cp /tmp/gpu-default/metrics.csv "$OUT/default_metrics.csv"
 
 echo "== hook overhead"
-python3 benchmarks/hooks_overhead.py --repeats 8 --samples 4000 2>&1 | tee "$OUT/hooks_overhead.txt"
+python3 benchmarks/hooks_overhead.py --repeats 12 --samples 4000 2>&1 | tee "$OUT/hooks_overhead.txt"
+python3 benchmarks/hooks_overhead.py --repeats 6 --dataset synthetic:50000 --samples 50000 --batch-size 512 2>&1 \
+    | tee -a "$OUT/hooks_overhead.txt"
 
 echo "== torch.compile path"
 python3 -m cycdata.train.cli train epochs=3 runtime.compile=true runtime.progress=false --out /tmp/gpu-compiled 2>&1 \

@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="mnist5k")
     parser.add_argument("--samples", type=int, default=2048, help="training samples per epoch")
     parser.add_argument("--repeats", type=int, default=5, help="timed epochs per variant")
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -57,7 +58,7 @@ def main() -> None:
         model = build_model(config, data).to(runtime.device)
         optimizer = build_optimizer(model, config, plan)
         hooks = CyclicalHooks(optimizer, plan, clip_mode="norm")
-        sampler = ShuffledBatchSampler(subset_size, 128, seed=0)
+        sampler = ShuffledBatchSampler(subset_size, args.batch_size, seed=0)
         loader = BatchLoader(data.train, sampler)
         normalize = Normalize(data.mean, data.std, channels_last=False).to(runtime.device)
         runs[name] = (config, model, optimizer, hooks, loader, normalize)
@@ -93,7 +94,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"device {result['device']}, model {args.model}, {subset_size} samples/epoch, {args.repeats} epochs each")
+        print(f"device {result['device']}, model {args.model}, {args.dataset}, {subset_size} samples/epoch, "
+              f"batch {args.batch_size}, {args.repeats} epochs each")
         for name in runs:
             print(
                 f"  hooks {name:>3}: median {medians[name]:.3f} s/epoch  ({', '.join(f'{t:.3f}' for t in times[name])})"

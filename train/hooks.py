@@ -45,13 +45,16 @@ __all__ = ["CLIP_MODES", "CyclicalHooks", "clip_gradients"]
 CLIP_MODES = ("norm", "value", "agc")
 
 
-def _parameters(model_or_params: nn.Module | Iterable[Tensor], exclude_head: bool) -> list[Tensor]:
+def clippable_parameters(model_or_params: nn.Module | Iterable[Tensor], mode: str) -> list[Tensor]:
+    """The parameters a clip mode acts on: all of them, except the classifier head for ``agc``.
+
+    AGC leaves the classifier alone (Brock et al. 2021; timm's train.py does the same).
+    """
     if isinstance(model_or_params, nn.Module):
         from timm.models import model_parameters
 
-        # AGC leaves the classifier alone (Brock et al. 2021; timm's train.py does the same).
-        return [p for p in model_parameters(model_or_params, exclude_head=exclude_head) if p.grad is not None]
-    return [p for p in model_or_params if p.grad is not None]
+        return list(model_parameters(model_or_params, exclude_head=mode == "agc"))
+    return list(model_or_params)
 
 
 def clip_gradients(
@@ -70,7 +73,7 @@ def clip_gradients(
     """
     if mode not in CLIP_MODES:
         raise ValueError(f"unknown clip mode {mode!r}; use one of {', '.join(CLIP_MODES)}")
-    parameters = _parameters(model_or_params, exclude_head=mode == "agc")
+    parameters = [p for p in clippable_parameters(model_or_params, mode) if p.grad is not None]
     if not parameters:
         return None
     if mode == "norm":
@@ -113,6 +116,9 @@ class CyclicalHooks:
                 "timm.optim.create_optimizer_v2(model, weight_decay=1e-4), which keeps biases and norms undecayed)"
             )
         self.values: dict[str, float | int] = {}
+        # The parameter list of a model, found once: walking the module tree every step costs
+        # more than the clipping itself on a launch-bound GPU.
+        self._clip_cache: tuple[nn.Module, list[Tensor]] | None = None
 
     @property
     def temperature(self) -> float:
@@ -172,6 +178,10 @@ class CyclicalHooks:
         threshold = self.clip_threshold
         if threshold is None:
             return None
+        if isinstance(model_or_params, nn.Module):
+            if self._clip_cache is None or self._clip_cache[0] is not model_or_params:
+                self._clip_cache = (model_or_params, clippable_parameters(model_or_params, self.clip_mode))
+            model_or_params = self._clip_cache[1]  # for agc the head is already left out
         return clip_gradients(model_or_params, threshold, self.clip_mode)
 
 

@@ -269,7 +269,9 @@ def train(
 
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP broadcasts them anyway)
     model = build_model(config, data).to(runtime.device)
-    channels_last = config.runtime.channels_last and runtime.device.type == "cuda"
+    # With torch.compile, inductor picks memory layouts itself; channels_last weights on top of it
+    # trip a stride assertion in its convolution backward (seen with torch 2.11 on an H200).
+    channels_last = config.runtime.channels_last and runtime.device.type == "cuda" and not config.runtime.compile
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config, plan)
