@@ -355,6 +355,9 @@ class SelfPacedConfig:
     threshold: Schedule | None = key(optional(knob(gt=0)), None, "absolute loss threshold (instead of keep)")
     weighting: str = key(choice("hard", "linear", "log", "mixture"), "hard", "self-paced weighting (SPEC.md §10)")
     per_class: bool = key(boolean, False, "select within each class so no class vanishes")
+    level: str = key(choice("epoch", "batch"), "epoch",
+                     "epoch: the sampler selects samples; batch: a loss mask inside each batch")
+    refresh: float = key(number(ge=0, le=1), 0.05, "share of excluded samples re-admitted each epoch (stale losses)")
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,7 @@ class Plan:
 
     clock: Clock
     knobs: tuple[Knob, ...]
+    lr_coupling_power: float = 0.0  # LR × (batch size / first epoch's batch size) ** power
 
     @classmethod
     def from_config(cls, config: RunConfig, epochs: int | None = None) -> Plan:
@@ -90,7 +91,8 @@ class Plan:
 
             config = replace(config, epochs=epochs)
         clock = Clock(config.epochs, unit=config.schedule_unit, normalization=config.normalization)  # type: ignore[arg-type]
-        return cls(clock=clock, knobs=tuple(_knobs_of(config)))
+        power = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}[config.data.lr_coupling]
+        return cls(clock=clock, knobs=tuple(_knobs_of(config)), lr_coupling_power=power)
 
     @property
     def epochs(self) -> int:
@@ -107,8 +109,17 @@ class Plan:
         raise KeyError(f"no knob {name!r} in this plan; it has: {', '.join(self.names)}")
 
     def at(self, epoch: int, fraction: float = 0.0) -> dict[str, float | int]:
-        """Every knob's value at ``epoch`` after ``fraction`` of its samples."""
-        return {knob.name: knob.value(self.clock, epoch, fraction) for knob in self.knobs}
+        """Every knob's value at ``epoch`` after ``fraction`` of its samples.
+
+        With an LR coupling, ``optim.lr`` is scaled by the batch size's ratio to epoch 0's
+        (``linear``: Goyal et al. 2017; ``sqrt``: Krizhevsky 2014), per epoch like the batch size.
+        """
+        values = {knob.name: knob.value(self.clock, epoch, fraction) for knob in self.knobs}
+        if self.lr_coupling_power:
+            batch = self.knob("data.batch_size")
+            ratio = batch.value(self.clock, epoch) / batch.value(self.clock, 0)
+            values["optim.lr"] = float(values["optim.lr"]) * ratio**self.lr_coupling_power
+        return values
 
     def values(self) -> dict[str, list[float | int]]:
         """Every knob's per-epoch values (at each epoch's start)."""

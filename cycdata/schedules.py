@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -41,6 +41,7 @@ __all__ = [
     "Quantize",
     "Schedule",
     "Warmup",
+    "as_schedule",
     "cosine_xi",
     "linear_xi",
     "make_schedule",
@@ -413,6 +414,30 @@ def register_schedule(name: str) -> Callable[[type], type]:
         return cls
 
     return decorate
+
+
+def as_schedule(value: float | Mapping[str, object] | Schedule, factor: float = 2.0) -> Schedule:
+    """A number, an ``{"easy": ..., "hard": ...}`` mapping (optional ``factor``, ``shape``) or a schedule.
+
+    Example:
+        >>> as_schedule(64)
+        Constant(value=64.0)
+        >>> as_schedule({"easy": 256, "hard": 64}, factor=4)
+        Cyclical(easy=256.0, hard=64.0, factor=4.0, shape='cyclical')
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"expected a number, an {{'easy': ..., 'hard': ...}} mapping or a schedule, got {value!r}")
+    if isinstance(value, (int, float)):
+        return Constant(float(value))
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"easy", "hard", "factor", "shape"}
+        if unknown or not {"easy", "hard"} <= set(value):
+            raise ValueError(f"a knob mapping takes easy, hard and optionally factor, shape; got keys {sorted(value)}")
+        return Cyclical(easy=float(value["easy"]), hard=float(value["hard"]),  # type: ignore[arg-type]
+                        factor=float(value.get("factor", factor)), shape=str(value.get("shape", "cyclical")))  # type: ignore[arg-type]
+    if callable(value):
+        return value
+    raise TypeError(f"expected a number, an {{'easy': ..., 'hard': ...}} mapping or a schedule, got {value!r}")
 
 
 def make_schedule(name: str, **kwargs: object) -> Schedule:

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
@@ -27,7 +28,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["BatchLoader", "IndexedDataset"]
+from cycdata.clock import Clock
+from cycdata.ledger import LossLedger
+from cycdata.samplers import CyclicalBatchSampler, EpochPlan, SemiSupervisedBatchSampler
+from cycdata.schedules import as_schedule
+
+__all__ = ["BatchLoader", "CyclicalLoader", "IndexedDataset"]
 
 Batch = tuple[Tensor, Tensor, Tensor]
 
@@ -92,3 +98,204 @@ class BatchLoader(Iterable[Batch]):
             if self.pin_memory:
                 batch_images, batch_labels = batch_images.pin_memory(), batch_labels.pin_memory()
             yield batch_images, batch_labels, indices
+
+
+class CyclicalLoader:
+    """A drop-in for ``DataLoader(dataset, batch_size=B, shuffle=True, ...)`` with cyclical knobs.
+
+    Swap the constructor, call ``record_loss`` after each forward pass, and the loader varies the
+    batch size each epoch and (with ``keep`` or ``threshold``) trains on the self-paced selection
+    of the samples; with ``labeled`` and ``unlabeled_ratio`` each batch is a labeled batch followed
+    by a cyclical share of unlabeled samples. It yields exactly what a ``DataLoader`` over the same
+    dataset yields (same collate, same structure). The sampler decides everything in the main
+    process, so workers (persistent ones too) see every change with the indices they get.
+
+    Args:
+        dataset: any map-style dataset.
+        epochs: epochs the cycle spans.
+        batch_size: a number, ``{"easy": 256, "hard": 64}`` or a schedule (per process).
+        keep: kept fraction of lowest-loss samples (number, mapping or schedule), or None.
+        threshold: absolute loss threshold instead of ``keep``, or None.
+        weighting: ``hard`` | ``linear`` | ``log`` | ``mixture``; soft weights are in ``batch_weights``.
+        per_class: select ``keep`` within each class (labels from ``labels`` or ``dataset.labels``).
+        labeled, unlabeled_ratio: semi-supervised mode: the labeled indices and the unlabeled
+            samples per labeled one (every other index is the unlabeled pool).
+        factor: shared cyclical factor for mapping knobs. seed: run seed.
+        schedule_unit, normalization: as in the config language (the clock).
+        refresh_fraction: share of excluded samples re-admitted each epoch to refresh stale losses.
+        ledger_ema, ledger_device: loss-ledger options.
+        rank, world_size: default from the initialised process group (like DistributedSampler).
+        drop_last: drop each epoch's last incomplete batch.
+        **dataloader_kwargs: passed to ``torch.utils.data.DataLoader`` (num_workers, collate_fn,
+            pin_memory, persistent_workers, ...). ``shuffle``/``sampler``/``batch_sampler`` are ours.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> data = TensorDataset(torch.randn(100, 3), torch.randint(0, 2, (100,)))
+        >>> loader = CyclicalLoader(data, epochs=3, batch_size={"easy": 50, "hard": 10},
+        ...                         keep={"easy": 0.5, "hard": 1.0})
+        >>> for epoch in range(3):
+        ...     sizes = []
+        ...     for x, y in loader:
+        ...         loader.record_loss((x ** 2).sum(1))   # per-sample losses of this batch
+        ...         sizes.append(len(y))
+        ...     print(epoch, sum(sizes), max(sizes))
+        0 50 50
+        1 100 10
+        2 50 50
+    """
+
+    def __init__(self, dataset: Dataset, *, epochs: int, batch_size: Any = 64, keep: Any = None,
+                 threshold: Any = None, weighting: str = "hard", per_class: bool = False,
+                 labels: Tensor | None = None, labeled: Tensor | None = None, unlabeled_ratio: Any = None,
+                 factor: float = 2.0, seed: int = 0, schedule_unit: str = "epoch", normalization: str = "reference",
+                 refresh_fraction: float = 0.05, ledger_ema: float | None = None,
+                 ledger_device: torch.device | str | None = None, rank: int | None = None,
+                 world_size: int | None = None, drop_last: bool = False, **dataloader_kwargs: Any) -> None:
+        for reserved in ("shuffle", "sampler", "batch_sampler"):
+            if dataloader_kwargs.get(reserved) not in (None, False):
+                raise ValueError(f"CyclicalLoader chooses the samples itself; drop the {reserved}= argument")
+            dataloader_kwargs.pop(reserved, None)
+        self.dataset = dataset
+        self.clock = Clock(epochs, unit=schedule_unit, normalization=normalization)  # type: ignore[arg-type]
+        size = len(dataset)  # type: ignore[arg-type]
+        self.semi_supervised = labeled is not None
+        if self.semi_supervised:
+            if keep is not None or threshold is not None:
+                raise ValueError("self-paced selection and semi-supervised batches cannot be combined in one loader")
+            if unlabeled_ratio is None:
+                raise ValueError("semi-supervised mode needs unlabeled_ratio= (a number, mapping or schedule)")
+            labeled = torch.as_tensor(labeled, dtype=torch.long)
+            mask = torch.ones(size, dtype=torch.bool)
+            mask[labeled] = False
+            self.batch_sampler: Any = SemiSupervisedBatchSampler(
+                labeled, mask.nonzero().flatten(), clock=self.clock, batch_size=as_schedule(batch_size, factor),
+                ratio=as_schedule(unlabeled_ratio, factor), seed=seed, rank=rank, world_size=world_size)
+            self.ledger = LossLedger(size, ema=ledger_ema, device=ledger_device)
+        else:
+            if per_class and labels is None:
+                labels = getattr(dataset, "labels", None)
+                if labels is None:
+                    raise ValueError("per_class=True needs labels= (one class label per sample)")
+            selecting = keep is not None or threshold is not None
+            self.ledger = LossLedger(size, ema=ledger_ema, device=ledger_device)
+            self.batch_sampler = CyclicalBatchSampler(
+                size, clock=self.clock, batch_size=as_schedule(batch_size, factor),
+                keep=None if keep is None else as_schedule(keep, factor),
+                threshold=None if threshold is None else as_schedule(threshold, factor), weighting=weighting,
+                labels=torch.as_tensor(labels) if per_class and selecting else None, ledger=self.ledger,
+                refresh_fraction=refresh_fraction, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+        fast = (_is_in_memory(dataset) and dataloader_kwargs.get("num_workers", 0) == 0
+                and dataloader_kwargs.get("collate_fn") is None)
+        self._pin = bool(dataloader_kwargs.get("pin_memory", False))
+        self._loader = None if fast else DataLoader(dataset, batch_sampler=self.batch_sampler, **dataloader_kwargs)
+        self.epoch = 0
+        self.batch_indices: Tensor = torch.empty(0, dtype=torch.long)
+        self.labeled_count = 0
+        self._consumed = 0
+        self._in_epoch = False
+
+    # --- the epoch -----------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch the next iteration runs (it also advances by itself after each full pass)."""
+        self.epoch = epoch
+        self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """This process's samples in the current epoch (labeled ones in semi-supervised mode)."""
+        return self.batch_sampler.samples_per_epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        self.batch_sampler.set_epoch(self.epoch)
+        self._in_epoch = True
+        source = self._loader if self._loader is not None else self._gather()
+        for batch in source:
+            self.batch_indices = torch.as_tensor(self.batch_sampler.yielded.popleft(), dtype=torch.long)
+            if self.semi_supervised:
+                self.labeled_count = self.batch_sampler.labeled_counts.popleft()
+            else:
+                self.labeled_count = len(self.batch_indices)
+            self._consumed += 1
+            yield batch
+        # The epoch is complete: every rank applies the same records, then the next epoch starts.
+        self.ledger.synchronize()
+        self._in_epoch = False
+        self._consumed = 0
+        self.set_epoch(self.epoch + 1)
+
+    def _gather(self) -> Iterator[list[Tensor]]:
+        """In-memory datasets: index the tensors directly (what default_collate would build, faster)."""
+        images, labels = self.dataset.images, self.dataset.labels  # type: ignore[attr-defined]
+        for batch in self.batch_sampler:
+            indices = torch.as_tensor(batch, dtype=torch.long)
+            parts = [images.index_select(0, indices), labels.index_select(0, indices)]
+            yield [part.pin_memory() for part in parts] if self._pin else parts
+
+    # --- losses ---------------------------------------------------------------------------------
+
+    def record_loss(self, losses: Tensor) -> None:
+        """Record per-sample losses of the batch most recently yielded (its labeled part in SSL mode).
+
+        No host synchronisation: the losses stay on their device until the epoch ends.
+        """
+        count = len(losses)
+        if count not in (len(self.batch_indices), self.labeled_count):
+            raise ValueError(f"record_loss got {count} losses for a batch of {len(self.batch_indices)} samples "
+                             f"({self.labeled_count} labeled); pass one loss per sample (reduction='none')")
+        self.ledger.record(self.batch_indices[:count], losses)
+
+    @property
+    def batch_weights(self) -> Tensor | None:
+        """Self-paced weights of the current batch's samples (None with hard weighting)."""
+        if self.semi_supervised:
+            return None
+        weights = self.batch_sampler.plan(self.epoch if self._in_epoch else self.epoch - 1).weights
+        return None if weights is None else weights[self.batch_indices]
+
+    @property
+    def knobs(self) -> dict[str, float | int]:
+        """What the loader does this epoch, by dotted name (for logs)."""
+        if self.semi_supervised:
+            sampler = self.batch_sampler
+            return {"data.batch_size": sampler.batch_size_at(self.epoch),
+                    "semi_supervised.ratio": sampler.ratio_at(self.epoch),
+                    "semi_supervised.coverage": sampler.unlabeled.coverage,
+                    "semi_supervised.passes": sampler.unlabeled.passes}
+        plan = self.batch_sampler.plan(self.epoch)
+        knobs: dict[str, float | int] = {"data.batch_size": plan.batch_size}
+        if self.batch_sampler.selecting:
+            knobs.update({"self_paced.kept": plan.kept, "self_paced.threshold": plan.threshold,
+                          "self_paced.unseen": plan.unseen, "self_paced.refreshed": plan.refreshed})
+        return knobs
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue, mid-epoch included (torchdata's StatefulDataLoader protocol)."""
+        state: dict[str, Any] = {"version": 1, "epoch": self.epoch, "consumed": self._consumed if self._in_epoch else 0,
+                                 "ledger": self.ledger.state_dict()}
+        if self.semi_supervised:
+            sampler = self.batch_sampler
+            state["sampler"] = sampler.epoch_start_state if self._in_epoch else sampler.state_dict()
+        elif self._in_epoch:
+            state["plan"] = dataclasses.asdict(self.batch_sampler.plan(self.epoch))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != 1:
+            raise ValueError("not a CyclicalLoader state of version 1")
+        self.ledger.load_state_dict(state["ledger"])
+        self.epoch = int(state["epoch"])
+        consumed = int(state["consumed"])
+        if self.semi_supervised:
+            self.batch_sampler.load_state_dict(state["sampler"], skip_batches=consumed)
+        elif "plan" in state:
+            self.batch_sampler.restore_plan(EpochPlan(**state["plan"]), skip_batches=consumed)
+        self.batch_sampler.set_epoch(self.epoch)
+        self._consumed = consumed

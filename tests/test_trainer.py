@@ -29,14 +29,19 @@ def read_metrics(folder: Path) -> list[dict[str, str]]:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cycdata.train.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "cycdata.train.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_cli_train_writes_the_run_folder_with_spec_knob_values(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = run_cli("train", "epochs=3", *FAST, "optim.weight_decay={easy: 1.0e-5, hard: 8.0e-5}",
-                     "--out", str(out))
+    result = run_cli("train", "epochs=3", *FAST, "optim.weight_decay={easy: 1.0e-5, hard: 8.0e-5}", "--out", str(out))
     assert result.returncode == 0, result.stderr
     for name in ("config.yaml", "metrics.csv", "knobs.png", "metrics.png", "last.pt", "best.pt"):
         assert (out / name).is_file(), name
@@ -70,8 +75,16 @@ def test_optimizer_param_groups_carry_the_planned_values(tmp_path: Path) -> None
 
     handle = register_optimizer_step_pre_hook(record)
     try:
-        config = load_config(None, ["epochs=3", *FAST, "data.dataset=synthetic:256", "data.batch_size=64",
-                                    "optim.weight_decay={easy: 1.0e-5, hard: 8.0e-5}"])
+        config = load_config(
+            None,
+            [
+                "epochs=3",
+                *FAST,
+                "data.dataset=synthetic:256",
+                "data.batch_size=64",
+                "optim.weight_decay={easy: 1.0e-5, hard: 8.0e-5}",
+            ],
+        )
         train(config, tmp_path)
     finally:
         handle.remove()
@@ -136,7 +149,8 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     [
         (["data.dataset=cifar10:/nonexistent/cifar"], "cifar"),
         (["model=no_such_model"], "model:"),
-        (["data.batch_size={easy: 256, hard: 64}"], "data.batch_size"),
+        (["semi_supervised.labeled=100000"], "semi_supervised.labeled"),
+        (["self_paced.keep=0.5", "semi_supervised.labeled=100"], "cannot be combined"),
         (["epochs=1"], "epochs: got 1, must be >= 2"),
     ],
 )
@@ -152,14 +166,23 @@ def test_bad_input_fails_before_training(tmp_path: Path, args: list[str], words:
 def test_unsupported_features_are_refused_not_ignored() -> None:
     from cycdata.train.trainer import check_supported
 
-    for override in ("self_paced.keep=0.5", "semi_supervised.labeled=100", "augment.ladder=default"):
-        with pytest.raises(ConfigError, match="not supported by the trainer yet"):
-            check_supported(load_config(None, [override]))
+    with pytest.raises(ConfigError, match="not supported by the trainer yet"):
+        check_supported(load_config(None, ["augment.ladder=default"]))
 
 
 def test_cyclical_focal_loss_trains(tmp_path: Path) -> None:
-    config = load_config(None, ["epochs=2", *FAST, "data.dataset=synthetic:128", "loss.name=cyclical_focal",
-                                "loss.gamma_pos=2", "loss.gamma_neg=2", "loss.gamma_hc=3"])
+    config = load_config(
+        None,
+        [
+            "epochs=2",
+            *FAST,
+            "data.dataset=synthetic:128",
+            "loss.name=cyclical_focal",
+            "loss.gamma_pos=2",
+            "loss.gamma_neg=2",
+            "loss.gamma_hc=3",
+        ],
+    )
     row = train(config, tmp_path)
     assert row["loss.xi"] == 1.0  # last epoch of E=2: easy end
     assert [float(r["loss.xi"]) for r in read_metrics(tmp_path)] == [1.0, 1.0]
@@ -170,9 +193,28 @@ def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "cycdata.train.cli", "train", "epochs=2",
-         *FAST, "data.dataset=synthetic:200", "data.batch_size=50", "runtime.progress=true", "--out", str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "cycdata.train.cli",
+            "train",
+            "epochs=2",
+            *FAST,
+            "data.dataset=synthetic:200",
+            "data.batch_size=50",
+            "runtime.progress=true",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(out)
     assert len(rows) == 2  # written once, by rank 0
@@ -180,3 +222,83 @@ def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
     state = load_checkpoint(out / "last.pt")
     assert len(state["rng"]) == 2  # RNG state of both ranks
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped
+
+
+def test_train_drives_batch_size_and_self_paced_selection(tmp_path: Path) -> None:
+    config = load_config(
+        None,
+        [
+            "epochs=3",
+            *FAST,
+            "data.dataset=synthetic:300",
+            "data.batch_size={easy: 100, hard: 30}",
+            "self_paced.keep={easy: 0.5, hard: 1.0}",
+            "data.lr_coupling=linear",
+        ],
+    )
+    train(config, tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [int(r["data.batch_size"]) for r in rows] == [100, 30, 100]
+    assert [int(r["self_paced.kept"]) for r in rows] == [150, 300, 150]
+    assert [float(r["train_samples"]) for r in rows] == [150, 300, 150]
+    # linear LR coupling: the LR at epoch 1 is scaled by 30/100 of the planned value
+    assert float(rows[1]["optim.lr"]) < float(rows[0]["optim.lr"]) or float(rows[1]["optim.lr"]) < 0.1 * 0.3 + 1e-9
+
+
+def test_self_paced_run_resumes_exactly(tmp_path: Path) -> None:
+    overrides = [
+        "epochs=4",
+        *FAST,
+        "data.dataset=synthetic:256",
+        "data.batch_size={easy: 64, hard: 32}",
+        "self_paced.keep={easy: 0.5, hard: 1.0}",
+        "self_paced.weighting=linear",
+    ]
+    config = load_config(None, overrides)
+    train(config, tmp_path / "straight")
+    train(config, tmp_path / "interrupted", stop_after=2)
+    resume(tmp_path / "interrupted")
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "interrupted" / "last.pt")
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert torch.equal(
+        a["data_state"]["ledger"]["losses"].nan_to_num(-1), b["data_state"]["ledger"]["losses"].nan_to_num(-1)
+    )
+
+
+def test_batch_level_self_paced_masks_losses(tmp_path: Path) -> None:
+    config = load_config(
+        None,
+        [
+            "epochs=3",
+            *FAST,
+            "data.dataset=synthetic:200",
+            "data.batch_size=50",
+            "self_paced.keep={easy: 0.5, hard: 1.0}",
+            "self_paced.level=batch",
+        ],
+    )
+    train(config, tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [float(r["train_samples"]) for r in rows] == [200, 200, 200]  # the sampler keeps everything
+    assert "self_paced.kept" not in rows[0]
+
+
+def test_semi_supervised_on_100_mnist_labels(tmp_path: Path) -> None:
+    config = load_config(
+        None,
+        [
+            "epochs=3",
+            *FAST,
+            "semi_supervised.labeled=100",
+            "data.batch_size=64",
+            "semi_supervised.ratio={easy: 0, hard: 3}",
+        ],
+    )
+    train(config, tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [float(r["semi_supervised.ratio"]) for r in rows] == [0.0, 3.0, 0.0]
+    assert float(rows[0]["unlabeled_samples"]) == 0 and float(rows[1]["unlabeled_samples"]) == 63 * 64 * 3
+    assert 0 < float(rows[1]["semi_supervised.coverage"]) <= 1
+    assert 0 <= float(rows[1]["pseudo_label_rate"]) <= 1
+    assert float(rows[-1]["test_accuracy"]) > 0.3  # 100 labels, 3 short epochs of a tiny model: well above chance

@@ -32,8 +32,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from cycdata.augment_ladder.views import strong_view, weak_view
 from cycdata.loaders.datasets import DatasetSplits, load_dataset
-from cycdata.loaders.torch_loader import BatchLoader
+from cycdata.loaders.torch_loader import BatchLoader, CyclicalLoader
 from cycdata.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from cycdata.train.hooks import CyclicalHooks
 from cycdata.train.losses import cyclical_focal_loss, soft_cross_entropy
@@ -42,7 +44,8 @@ from torch import Tensor, nn
 
 from cycdata.config import ConfigError, RunConfig, config_to_dict, dump_config, parse_config, read_yaml
 from cycdata.plan import Plan
-from cycdata.samplers import ShuffledBatchSampler
+from cycdata.samplers import ShuffledBatchSampler, epoch_generator
+from cycdata.selection import loss_quantile, spl_weights
 
 __all__ = ["check_supported", "resume", "train"]
 
@@ -94,16 +97,10 @@ def setup_runtime(requested: str) -> Runtime:
 # than silently ignored.
 def check_supported(config: RunConfig) -> None:
     """Refuse, before training, config features this trainer cannot honour."""
-    from cycdata.schedules import Constant
-
-    if not isinstance(config.data.batch_size, Constant):
-        raise ConfigError("data.batch_size", "a cyclical batch size is not supported by the trainer yet; use a number")
     if config.augment.ladder != "none":
         raise ConfigError("augment.ladder", "augmentation ladders are not supported by the trainer yet; use 'none'")
-    if config.self_paced is not None:
-        raise ConfigError("self_paced", "self-paced selection is not supported by the trainer yet; set it to null")
-    if config.semi_supervised is not None:
-        raise ConfigError("semi_supervised", "semi-supervised training is not supported by the trainer yet")
+    if config.self_paced is not None and config.semi_supervised is not None:
+        raise ConfigError("self_paced", "self-paced selection and semi_supervised cannot be combined; set one to null")
 
 
 def build_model(config: RunConfig, data: DatasetSplits) -> nn.Module:
@@ -168,57 +165,117 @@ class Normalize(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: BatchLoader,
-    hooks: CyclicalHooks,
-    optimizer: torch.optim.Optimizer,
-    config: RunConfig,
-    epoch: int,
-    normalize: Normalize,
-    runtime: Runtime,
-    progress: Any,
-) -> dict[str, float]:
+@dataclass
+class EpochContext:
+    """What one training epoch needs besides the model and the loader."""
+
+    hooks: CyclicalHooks
+    optimizer: torch.optim.Optimizer
+    config: RunConfig
+    normalize: Normalize
+    runtime: Runtime
+    batch_threshold: float | None = None  # batch-level self-paced threshold of this epoch
+    generator: torch.Generator | None = None  # SSL view parameters
+
+
+def batch_self_paced_weights(per_sample: Tensor, threshold: float | None, weighting: str) -> Tensor | None:
+    """The batch-level self-paced variant: samples above the epoch's loss threshold weigh 0 (or less)."""
+    if threshold is None or not math.isfinite(threshold):
+        return None
+    return spl_weights(per_sample.detach().float(), threshold, weighting)
+
+
+def fixmatch_loss(logits_weak: Tensor, logits_strong: Tensor, confidence: float) -> tuple[Tensor, Tensor, Tensor]:
+    """FixMatch: pseudo-labels from the weak view where confident, cross-entropy on the strong view.
+
+    Returns the per-sample unlabeled loss, the confidence mask and the pseudo-labels.
+    """
+    probabilities = logits_weak.detach().float().softmax(dim=1)
+    top, pseudo = probabilities.max(dim=1)
+    mask = (top >= confidence).float()
+    per_sample = F.cross_entropy(logits_strong.float(), pseudo, reduction="none") * mask
+    return per_sample, mask, pseudo
+
+
+def train_one_epoch(model: nn.Module, loader: CyclicalLoader, epoch: int, context: EpochContext,
+                    progress: Any) -> dict[str, float]:
+    """One pass of the loader; per-sample losses go to the loader's ledger (no host sync per step)."""
     model.train()
+    hooks, optimizer, config, runtime = context.hooks, context.optimizer, context.config, context.runtime
     device = runtime.device
     autocast = _autocast(config, device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct, samples, grad norm
+    # loss, correct, labeled samples, grad norm, unlabeled loss, confident, unlabeled, pseudo correct
+    sums = torch.zeros(8, dtype=torch.float64, device=device)
     steps = len(loader)
     seen = 0
-    epoch_samples = max(1, loader.batch_sampler.samples_per_rank)  # type: ignore[attr-defined]
+    epoch_samples = max(1, loader.samples_per_epoch)
     loss_fn = None
-    for step, (images, labels, _indices) in enumerate(loader):
+    ssl = config.semi_supervised
+    weighting = config.self_paced.weighting if config.self_paced is not None else "hard"
+    for step, (images, labels) in enumerate(loader):
         # Per-step knobs advance by the share of this epoch's samples already seen (the one clock).
         values = hooks.update(epoch, min(1.0, seen / epoch_samples))
         if loss_fn is None or config.schedule_unit == "step":
             loss_fn = training_loss(config, values)
-        seen += len(labels)
-        images = normalize(images.to(device, non_blocking=True))
+        labeled = loader.labeled_count
+        seen += labeled
+        images = context.normalize(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
+        if ssl is not None:
+            unlabeled = images[labeled:]
+            images = torch.cat([weak_view(images[:labeled], context.generator),
+                                weak_view(unlabeled, context.generator), strong_view(unlabeled, context.generator)])
         with autocast:
             logits = model(images)
-        per_sample = loss_fn(hooks.scale_logits(logits.float()), labels)
-        loss = per_sample.mean()
+        labeled_logits = logits[:labeled]
+        per_sample = loss_fn(hooks.scale_logits(labeled_logits.float()), labels[:labeled])
+        weights = loader.batch_weights
+        if weights is None:
+            weights = batch_self_paced_weights(per_sample, context.batch_threshold, weighting)
+        else:
+            weights = weights.to(device, non_blocking=True)
+        # Self-paced weights v_i scale each sample's loss; normalised by the batch size, not by Σv,
+        # so a batch of mostly excluded samples does not take a full-size step.
+        loss = per_sample.mean() if weights is None else (per_sample * weights).sum() / len(per_sample)
+        if ssl is not None:
+            count = len(unlabeled)
+            weak_logits, strong_logits = logits[labeled : labeled + count], logits[labeled + count :]
+            unlabeled_loss, mask, pseudo = fixmatch_loss(weak_logits, strong_logits, ssl.confidence)
+            if count:
+                loss = loss + ssl.weight * unlabeled_loss.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = hooks.clip_gradients(model)
         optimizer.step()
+        loader.record_loss(per_sample.detach())
         with torch.no_grad():
             sums[0] += per_sample.detach().sum()
-            sums[1] += (logits.argmax(dim=1) == labels).sum()
-            sums[2] += labels.numel()
+            sums[1] += (labeled_logits.argmax(dim=1) == labels[:labeled]).sum()
+            sums[2] += labeled
             if grad_norm is not None:
                 sums[3] += grad_norm.detach().double()
+            if ssl is not None and count:
+                sums[4] += unlabeled_loss.detach().sum()
+                sums[5] += mask.sum()
+                sums[6] += count
+                # A diagnostic only: the hidden labels of the unlabeled pool never enter the loss.
+                sums[7] += ((pseudo == labels[labeled:]).float() * mask).sum()
         if progress is not None and (step + 1) % config.runtime.log_every == 0:
             progress.set_postfix(loss=f"{sums[0].item() / sums[2].item():.4f}", refresh=False)
         if progress is not None:
             progress.update(1)
     if runtime.distributed:
         dist.all_reduce(sums)
-    loss_sum, correct, samples, norm_sum = sums.tolist()
-    metrics = {"train_loss": loss_sum / samples, "train_accuracy": correct / samples}
+    values = sums.tolist()
+    metrics = {"train_loss": values[0] / values[2], "train_accuracy": values[1] / values[2],
+               "train_samples": values[2]}
     if hooks.clip_threshold is not None and hooks.clip_mode == "norm":
-        metrics["grad_norm"] = norm_sum / (steps * runtime.world_size)
+        metrics["grad_norm"] = values[3] / (steps * runtime.world_size)
+    if ssl is not None:
+        unlabeled_seen = max(values[6], 1.0)
+        metrics.update({"unlabeled_loss": values[4] / unlabeled_seen, "unlabeled_samples": values[6],
+                        "pseudo_label_rate": values[5] / unlabeled_seen,
+                        "pseudo_label_accuracy": values[7] / max(values[5], 1.0)})
     return metrics
 
 
@@ -295,23 +352,13 @@ def train(
         train_model = torch.compile(train_model)  # type: ignore[assignment]
 
     pin = runtime.device.type == "cuda"
-    train_sampler = ShuffledBatchSampler(
-        len(data.train),
-        int(plan.at(0)["data.batch_size"]),
-        seed=config.seed,
-        rank=runtime.rank,
-        world_size=runtime.world_size,
-    )
-    train_loader = BatchLoader(data.train, train_sampler, num_workers=config.data.num_workers, pin_memory=pin)
-    test_sampler = ShuffledBatchSampler(
-        len(data.test),
-        config.data.eval_batch_size,
-        shuffle=False,
-        pad=False,
-        rank=runtime.rank,
-        world_size=runtime.world_size,
-    )
-    test_loader = BatchLoader(data.test, test_sampler, num_workers=config.data.num_workers, pin_memory=pin)
+    train_loader = build_train_loader(config, data, runtime)
+    test_sampler = ShuffledBatchSampler(len(data.test), config.data.eval_batch_size, shuffle=False, pad=False,
+                                        rank=runtime.rank, world_size=runtime.world_size)
+    test_loader = BatchLoader(data.test, test_sampler, num_workers=_workers(config, data.test), pin_memory=pin)
+    if resume_from is not None and resume_from.get("data_state"):
+        train_loader.load_state_dict(resume_from["data_state"])
+    context = EpochContext(hooks=hooks, optimizer=optimizer, config=config, normalize=normalize, runtime=runtime)
 
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -323,30 +370,92 @@ def train(
     try:
         for epoch in range(start_epoch, last_epoch):
             started = time.perf_counter()
-            train_sampler.set_epoch(epoch)
+            train_loader.set_epoch(epoch)
+            data_knobs = train_loader.knobs  # fixes the epoch's selection and batch size
+            context.batch_threshold = _batch_level_threshold(config, plan, train_loader, epoch)
+            context.generator = epoch_generator(config.seed, epoch, stream=4 + runtime.rank)
             progress = _progress_bar(epoch, config.epochs, len(train_loader)) if show_progress else None
-            train_metrics = train_one_epoch(
-                train_model, train_loader, hooks, optimizer, config, epoch, normalize, runtime, progress
-            )
+            train_metrics = train_one_epoch(train_model, train_loader, epoch, context, progress)
             train_seconds = time.perf_counter() - started
             test_metrics = evaluate(model, test_loader, config, normalize, runtime)
             if progress is not None:
                 progress.close()
-            row = {
-                "epoch": epoch,
-                **plan.at(epoch),
-                **train_metrics,
-                **test_metrics,
-                "images_per_second": train_sampler.samples_per_rank * runtime.world_size / train_seconds,
-                "epoch_seconds": time.perf_counter() - started,
-            }
+            row = {"epoch": epoch, **plan.at(epoch), **data_knobs, **train_metrics, **test_metrics,
+                   "images_per_second": train_metrics["train_samples"] / train_seconds,
+                   "epoch_seconds": time.perf_counter() - started}
+            if config.semi_supervised is not None:
+                row["semi_supervised.coverage"] = train_loader.batch_sampler.unlabeled.coverage
+                row["semi_supervised.passes"] = train_loader.batch_sampler.unlabeled.passes
             logger.log_epoch(row)
-            best_accuracy = _save(out, runtime, model, optimizer, config, epoch, row, best_accuracy, logger.history)
+            best_accuracy = _save(out, runtime, model, optimizer, config, epoch, row, best_accuracy, logger.history,
+                                  train_loader.state_dict())
             if runtime.is_main:
                 print(_summary(row, config.epochs), flush=True)
     finally:
         logger.close()
     return row
+
+
+def _workers(config: RunConfig, dataset: object) -> int:
+    """In-memory datasets are gathered in the main process: worker processes would only add copies."""
+    return 0 if hasattr(dataset, "images") else config.data.num_workers
+
+
+def labeled_subset(labels: Tensor, count: int, num_classes: int) -> Tensor:
+    """A fixed, class-balanced choice of ``count`` labeled samples (seed 0: the same for every run).
+
+    Example:
+        >>> labeled_subset(torch.tensor([0, 1] * 50), 10, 2).numel()
+        10
+    """
+    generator = torch.Generator().manual_seed(0)
+    per_class = [count // num_classes + (1 if c < count % num_classes else 0) for c in range(num_classes)]
+    chosen = []
+    for cls, take in enumerate(per_class):
+        members = (labels == cls).nonzero().flatten()
+        if take > len(members):
+            raise ConfigError("semi_supervised.labeled", f"asks for {count} labeled samples, but class {cls} has only "
+                              f"{len(members)}; use at most {len(members) * num_classes}")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    return torch.cat(chosen).sort().values
+
+
+def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> CyclicalLoader:
+    """The training loader: every data-side knob of the config, rank-aware."""
+    options: dict[str, Any] = {
+        "epochs": config.epochs, "batch_size": config.data.batch_size, "seed": config.seed,
+        "schedule_unit": config.schedule_unit, "normalization": config.normalization,
+        "rank": runtime.rank, "world_size": runtime.world_size, "num_workers": _workers(config, data.train),
+        "pin_memory": runtime.device.type == "cuda",
+        "ledger_device": runtime.device if runtime.device.type == "cuda" else None,
+    }
+    if options["num_workers"] > 0:
+        options["persistent_workers"] = True
+    sp, ssl = config.self_paced, config.semi_supervised
+    if sp is not None and sp.level == "epoch":
+        options.update(keep=sp.keep, threshold=sp.threshold, weighting=sp.weighting, per_class=sp.per_class,
+                       refresh_fraction=sp.refresh, labels=getattr(data.train, "labels", None))
+    if ssl is not None:
+        labels = getattr(data.train, "labels", None)
+        if labels is None:
+            raise ConfigError("semi_supervised", f"needs a dataset with in-memory labels; {data.name} has none")
+        options.update(labeled=labeled_subset(labels, ssl.labeled, data.num_classes), unlabeled_ratio=ssl.ratio)
+    return CyclicalLoader(data.train, **options)
+
+
+def _batch_level_threshold(config: RunConfig, plan: Plan, loader: CyclicalLoader, epoch: int) -> float | None:
+    """The batch-level self-paced threshold: from the ledger's keep-quantile (or the threshold knob)."""
+    sp = config.self_paced
+    if sp is None or sp.level != "batch":
+        return None
+    t = plan.clock.progress(epoch)
+    if sp.threshold is not None:
+        return float(sp.threshold(t))
+    seen = loader.ledger.seen.cpu()
+    if not bool(seen.any()):
+        return None  # nothing scored yet: the first epoch trains on every sample
+    assert sp.keep is not None
+    return loss_quantile(loader.ledger.losses.cpu()[seen], float(sp.keep(t))) * (1 + 1e-6)
 
 
 def _save(
@@ -359,6 +468,7 @@ def _save(
     row: dict[str, Any],
     best_accuracy: float,
     history: list[dict[str, Any]],
+    data_state: dict[str, Any],
 ) -> float:
     """Atomic last.pt every epoch, best.pt when test accuracy improves. RNG states of every rank."""
     rng = [capture_rng_state()]
@@ -377,7 +487,7 @@ def _save(
             "history": history,
             "rng": rng,
             "config": config_to_dict(config),
-            "data_state": {},
+            "data_state": data_state,
         }
         save_checkpoint(state, out / "last.pt")
         if improved:
