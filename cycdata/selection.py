@@ -262,6 +262,11 @@ class Selection:
             the largest over classes with labels); NaN when no seen sample is admitted by loss.
         unseen: never-scored samples admitted.
         refreshed: excluded (stale) seen samples re-admitted to re-measure their loss.
+
+    Example:
+        >>> chosen = select(torch.tensor([0.3, 0.1, 0.2]), torch.ones(3, dtype=torch.bool), keep=0.5)
+        >>> chosen.indices.tolist(), chosen.weights.tolist(), chosen.threshold == float(torch.tensor(0.2))
+        ([1, 2], [1.0, 1.0], True)
     """
 
     indices: Tensor
