@@ -4,6 +4,7 @@ equivalence, DDP with 2 gloo processes, and bad input refused before training.""
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import subprocess
 import sys
@@ -201,10 +202,11 @@ def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
             "-m",
             "cycdata.train.cli",
             "train",
-            "epochs=2",
+            "epochs=3",
             *FAST,
             "data.dataset=synthetic:200",
-            "data.batch_size=50",
+            "data.batch_size={easy: 50, hard: 20}",
+            "self_paced.keep={easy: 0.5, hard: 1.0}",
             "runtime.progress=true",
             "--out",
             str(out),
@@ -217,8 +219,12 @@ def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(out)
-    assert len(rows) == 2  # written once, by rank 0
-    assert result.stdout.count("epoch   2/2") == 1  # one summary line, from rank 0
+    assert len(rows) == 3  # written once, by rank 0
+    assert result.stdout.count("epoch   3/3") == 1  # one summary line, from rank 0
+    # Both ranks selected the same samples (the ledger is all-gathered) and split them disjointly.
+    assert [int(r["self_paced.kept"]) for r in rows] == [100, 200, 100]
+    assert [float(r["train_samples"]) for r in rows] == [100, 200, 100]
+    assert [int(r["data.batch_size"]) for r in rows] == [50, 20, 50]
     state = load_checkpoint(out / "last.pt")
     assert len(state["rng"]) == 2  # RNG state of both ranks
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped
@@ -302,3 +308,30 @@ def test_semi_supervised_on_100_mnist_labels(tmp_path: Path) -> None:
     assert 0 < float(rows[1]["semi_supervised.coverage"]) <= 1
     assert 0 <= float(rows[1]["pseudo_label_rate"]) <= 1
     assert float(rows[-1]["test_accuracy"]) > 0.3  # 100 labels, 3 short epochs of a tiny model: well above chance
+
+
+def test_lr_follows_one_clock_when_the_batch_size_cycles(tmp_path: Path) -> None:
+    lrs: list[float] = []
+    handle = register_optimizer_step_pre_hook(lambda optimizer, *_: lrs.append(optimizer.param_groups[0]["lr"]))
+    try:
+        config = load_config(
+            None,
+            [
+                "epochs=4",
+                *FAST,
+                "data.dataset=synthetic:240",
+                "optim.warmup_epochs=0",
+                "data.batch_size={easy: 80, hard: 20}",
+                "schedule_unit=step",
+            ],
+        )
+        train(config, tmp_path)
+    finally:
+        handle.remove()
+    steps = [3, 6, 6, 3]  # 240 samples in batches of 80, 40, 40, 80 (E=4, f=2: ξ = 1, 1/3, 1/3, 1)
+    assert [int(r["data.batch_size"]) for r in read_metrics(tmp_path)] == [80, 40, 40, 80]
+    assert len(lrs) == sum(steps)
+    # The cosine LR moves by the share of samples seen, so it falls monotonically across epochs
+    # whatever the number of steps per epoch: no jump back, no "stepped too many times".
+    assert all(later <= earlier + 1e-12 for earlier, later in itertools.pairwise(lrs))
+    assert lrs[0] == pytest.approx(0.1) and lrs[-1] < 0.01
