@@ -272,10 +272,11 @@ def train_one_epoch(model: nn.Module, loader: CyclicalLoader, epoch: int, contex
     if hooks.clip_threshold is not None and hooks.clip_mode == "norm":
         metrics["grad_norm"] = values[3] / (steps * runtime.world_size)
     if ssl is not None:
-        unlabeled_seen = max(values[6], 1.0)
+        # NaN, not 0, for an epoch with no unlabeled samples (ratio 0) or no confident pseudo-label.
+        unlabeled_seen = values[6] or math.nan
         metrics.update({"unlabeled_loss": values[4] / unlabeled_seen, "unlabeled_samples": values[6],
                         "pseudo_label_rate": values[5] / unlabeled_seen,
-                        "pseudo_label_accuracy": values[7] / max(values[5], 1.0)})
+                        "pseudo_label_accuracy": values[7] / (values[5] or math.nan)})
     return metrics
 
 
