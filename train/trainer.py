@@ -1,9 +1,11 @@
 """The training loop: short enough to read in one sitting.
 
-One epoch: the hooks set LR/WD/T/clip from the plan, each batch goes to the device and is
-normalized there, the training logits are divided by T (CST), the loss is computed per sample
-(``reduction="none"``, the ledger's food in later stages), gradients are clipped with the cyclical
-threshold (CGC), and metrics are summed on the device so no step waits for the host.
+One epoch: the CyclicalLoader fixes the epoch's batch size and sample selection (or its
+labeled/unlabeled mix), the hooks set LR/WD/T/clip from the plan at each step, each batch goes to
+the device and is normalized there, the training logits are divided by T (CST), the loss is
+computed per sample (``reduction="none"``; weighted by the self-paced weights, plus the FixMatch
+term with semi-supervision) and recorded in the loader's loss ledger, gradients are clipped with
+the cyclical threshold (CGC), and metrics are summed on the device so no step waits for the host.
 After each epoch: evaluation (top-1, NLL, ECE; no temperature), one CSV row, TensorBoard, plots
 and an atomic checkpoint. Under ``torchrun`` the same code runs DistributedDataParallel.
 
