@@ -16,6 +16,7 @@ YAML format (also accepted as a Python mapping)::
       - [{op: crop, magnitude: 0.5}, {op: rotate, magnitude: 0.3, probability: 0.5}]
       - {randaugment: {n: 2, magnitude: 0.6, pool: [rotate, shear_x, contrast, brightness]}}
       - {ops: [{op: cutout, magnitude: 0.5}], randaugment: {n: 2, magnitude: 0.8}}
+      - {randaugment: {n: 2, magnitude: 0.9}, mix: {kind: cutmix, magnitude: 0.8}}   # batches only
 
 Example:
     >>> ladder = builtin_ladder("digits")
@@ -38,8 +39,18 @@ import torch
 import yaml
 from torch import Tensor
 
-__all__ = ["LADDERS", "Ladder", "LadderError", "OpStep", "RandAugment", "Rung", "builtin_ladder", "load_ladder",
-           "parse_ladder"]
+__all__ = [
+    "LADDERS",
+    "Ladder",
+    "LadderError",
+    "Mix",
+    "OpStep",
+    "RandAugment",
+    "Rung",
+    "builtin_ladder",
+    "load_ladder",
+    "parse_ladder",
+]
 
 
 class LadderError(ValueError):
@@ -92,17 +103,30 @@ class RandAugment:
 
 
 @dataclass(frozen=True)
+class Mix:
+    """Batch mixing (``mixup`` or ``cutmix``) at ``magnitude``: soft targets follow the pixel share."""
+
+    kind: str
+    magnitude: float
+
+
+@dataclass(frozen=True)
 class Rung:
-    """A set of ops: an explicit list, then optionally a RandAugment draw."""
+    """A set of ops: an explicit list, then optionally a RandAugment draw, then optionally batch mixing.
+
+    Mixing needs the whole batch and its targets, so it runs on batches only (the device path);
+    the per-sample worker path applies the rung's ops and leaves mixing out.
+    """
 
     steps: tuple[OpStep, ...] = ()
     randaugment: RandAugment | None = None
+    mix: Mix | None = None
 
     @property
     def is_identity(self) -> bool:
         explicit = all(step.magnitude == 0 or step.probability == 0 for step in self.steps)
         random = self.randaugment is None or self.randaugment.n == 0 or self.randaugment.magnitude == 0
-        return explicit and random
+        return explicit and random and (self.mix is None or self.mix.magnitude == 0)
 
     def apply(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Apply the rung to a batch of float images in [0, 1], parameters drawn per sample."""
@@ -113,17 +137,37 @@ class Rung:
             if step.probability < 1.0:
                 draw = torch.rand(batch, generator=generator, device=_generator_device(generator, images))
                 magnitude = magnitude * (draw.to(images.device) < step.probability)
-            images = ops[step.op](images, magnitude, generator)
+            images = _apply_op(ops[step.op], images, magnitude, generator)
         if self.randaugment is not None and self.randaugment.n > 0:
             pool = self.randaugment.ops()
             for _ in range(self.randaugment.n):
-                choice = torch.randint(len(pool), (batch,), generator=generator,
-                                       device=_generator_device(generator, images)).to(images.device)
+                choice = torch.randint(
+                    len(pool), (batch,), generator=generator, device=_generator_device(generator, images)
+                ).to(images.device)
                 for index, name in enumerate(pool):
                     # Each op acts only on the samples that drew it: magnitude 0 elsewhere is the identity.
                     magnitude = torch.where(choice == index, self.randaugment.magnitude, 0.0)
-                    images = ops[name](images, magnitude, generator)
+                    images = _apply_op(ops[name], images, magnitude, generator)
         return images
+
+
+def _apply_op(op: Any, images: Tensor, magnitude: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Apply ``op`` at per-sample magnitudes; samples at magnitude 0 stay exactly as they are.
+
+    On a GPU the op runs over the whole batch (masked: no host sync). On a CPU, where finding the
+    samples costs nothing and compute is scarce, it runs only on the samples that use it: a
+    RandAugment pool of 13 ops then costs about one op per sample instead of thirteen.
+    """
+    if images.device.type != "cpu":
+        return op(images, magnitude, generator)
+    chosen = (magnitude > 0).nonzero().flatten()
+    if len(chosen) == 0:
+        return images
+    if len(chosen) == len(images):
+        return op(images, magnitude, generator)
+    out = images.clone()
+    out[chosen] = op(images[chosen], magnitude[chosen], generator)
+    return out
 
 
 def _generator_device(generator: torch.Generator | None, images: Tensor) -> torch.device:
@@ -156,17 +200,53 @@ class Ladder:
         high = self.rungs[lower + 1].apply(images, generator)
         return torch.where(upper.view(-1, 1, 1, 1), high, out)
 
+    def apply_with_targets(
+        self,
+        images: Tensor,
+        targets: Tensor,
+        strength: float,
+        num_classes: int,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Like :meth:`apply`, plus batch mixing where the rungs mix; targets come back soft ``[B, K]``.
+
+        The mixing magnitude interpolates like the rungs: the lower rung's, plus the upper rung's
+        weighted by its share of the position.
+        """
+        from cycdata.augment_ladder.ops import mix_batch
+
+        images = self.apply(images, strength, generator)
+        lower, upper_weight = self.position(strength)
+        mixes = [(self.rungs[lower].mix, 1.0 - upper_weight)]
+        if upper_weight > 0:
+            mixes.append((self.rungs[lower + 1].mix, upper_weight))
+        soft = torch.nn.functional.one_hot(targets.long(), num_classes).to(images.dtype)
+        for kind in ("mixup", "cutmix"):
+            magnitude = sum(weight * mix.magnitude for mix, weight in mixes if mix is not None and mix.kind == kind)
+            if magnitude > 0:
+                images, soft = mix_batch(images, soft, kind, min(1.0, magnitude), generator)
+        return images, soft
+
+    @property
+    def mixes(self) -> bool:
+        """Whether any rung mixes batches (the targets then become soft)."""
+        return any(rung.mix is not None and rung.mix.magnitude > 0 for rung in self.rungs)
+
     def to_dict(self) -> dict[str, Any]:
         """The ladder in its YAML form."""
         rungs: list[Any] = []
         for rung in self.rungs:
             steps = [{"op": s.op, "magnitude": s.magnitude, "probability": s.probability} for s in rung.steps]
-            if rung.randaugment is None:
+            if rung.randaugment is None and rung.mix is None:
                 rungs.append(steps)
-            else:
+                continue
+            entry: dict[str, Any] = {"ops": steps}
+            if rung.randaugment is not None:
                 ra = rung.randaugment
-                rungs.append({"ops": steps, "randaugment": {"n": ra.n, "magnitude": ra.magnitude,
-                                                             "pool": list(ra.pool)}})
+                entry["randaugment"] = {"n": ra.n, "magnitude": ra.magnitude, "pool": list(ra.pool)}
+            if rung.mix is not None:
+                entry["mix"] = {"kind": rung.mix.kind, "magnitude": rung.mix.magnitude}
+            rungs.append(entry)
         return {"name": self.name, "rungs": rungs}
 
 
@@ -187,10 +267,13 @@ def _parse_steps(where: str, raw: Any) -> tuple[OpStep, ...]:
         if unknown:
             key = sorted(unknown)[0]
             raise LadderError(f"{place}.{key}: unknown key{_suggest(key, ['op', 'magnitude', 'probability'])}")
-        steps.append(OpStep(op=_check_op(f"{place}.op", item["op"]),
-                            magnitude=_check_unit(f"{place}.magnitude", item.get("magnitude", 1.0), "magnitude"),
-                            probability=_check_unit(f"{place}.probability", item.get("probability", 1.0),
-                                                    "probability")))
+        steps.append(
+            OpStep(
+                op=_check_op(f"{place}.op", item["op"]),
+                magnitude=_check_unit(f"{place}.magnitude", item.get("magnitude", 1.0), "magnitude"),
+                probability=_check_unit(f"{place}.probability", item.get("probability", 1.0), "probability"),
+            )
+        )
     return tuple(steps)
 
 
@@ -208,8 +291,9 @@ def _parse_randaugment(where: str, raw: Any) -> RandAugment:
     if not isinstance(pool, list):
         raise LadderError(f"{where}.pool: got {pool!r}; expected a list of op names")
     names = tuple(_check_op(f"{where}.pool[{i}]", name) for i, name in enumerate(pool))
-    return RandAugment(n=n, magnitude=_check_unit(f"{where}.magnitude", raw.get("magnitude", 0.5), "magnitude"),
-                       pool=names)
+    return RandAugment(
+        n=n, magnitude=_check_unit(f"{where}.magnitude", raw.get("magnitude", 0.5), "magnitude"), pool=names
+    )
 
 
 def _parse_rung(where: str, raw: Any) -> Rung:
@@ -217,12 +301,19 @@ def _parse_rung(where: str, raw: Any) -> Rung:
         return Rung(steps=_parse_steps(f"{where}", raw or []))
     if not isinstance(raw, Mapping):
         raise LadderError(f"{where}: got {raw!r}; a rung is a list of ops or {{ops: [...], randaugment: {{...}}}}")
-    unknown = set(raw) - {"ops", "randaugment"}
+    unknown = set(raw) - {"ops", "randaugment", "mix"}
     if unknown:
         key = sorted(unknown)[0]
-        raise LadderError(f"{where}.{key}: unknown key{_suggest(key, ['ops', 'randaugment'])}")
+        raise LadderError(f"{where}.{key}: unknown key{_suggest(key, ['ops', 'randaugment', 'mix'])}")
     randaugment = _parse_randaugment(f"{where}.randaugment", raw["randaugment"]) if "randaugment" in raw else None
-    return Rung(steps=_parse_steps(f"{where}.ops", raw.get("ops", [])), randaugment=randaugment)
+    mix = _parse_mix(f"{where}.mix", raw["mix"]) if "mix" in raw else None
+    return Rung(steps=_parse_steps(f"{where}.ops", raw.get("ops", [])), randaugment=randaugment, mix=mix)
+
+
+def _parse_mix(where: str, raw: Any) -> Mix:
+    if not isinstance(raw, Mapping) or raw.get("kind") not in ("mixup", "cutmix") or set(raw) - {"kind", "magnitude"}:
+        raise LadderError(f"{where}: got {raw!r}; expected {{kind: mixup | cutmix, magnitude: M}}")
+    return Mix(kind=raw["kind"], magnitude=_check_unit(f"{where}.magnitude", raw.get("magnitude", 0.5), "magnitude"))
 
 
 def parse_ladder(raw: Any, name: str = "custom") -> Ladder:
@@ -246,8 +337,9 @@ def parse_ladder(raw: Any, name: str = "custom") -> Ladder:
     rungs = raw.get("rungs")
     if not isinstance(rungs, list) or not rungs:
         raise LadderError(f"rungs: got {rungs!r}; a ladder needs a non-empty list of rungs, weakest first")
-    return Ladder(name=str(raw.get("name", name)),
-                  rungs=tuple(_parse_rung(f"rungs[{i}]", rung) for i, rung in enumerate(rungs)))
+    return Ladder(
+        name=str(raw.get("name", name)), rungs=tuple(_parse_rung(f"rungs[{i}]", rung) for i, rung in enumerate(rungs))
+    )
 
 
 def load_ladder(spec: str | Path) -> Ladder:
@@ -261,8 +353,10 @@ def load_ladder(spec: str | Path) -> Ladder:
         return builtin_ladder(str(spec))
     path = Path(spec)
     if path.suffix not in (".yaml", ".yml"):
-        raise LadderError(f"unknown ladder {str(spec)!r}{_suggest(str(spec), list(LADDERS))}; use one of "
-                          f"{', '.join(LADDERS)} or a .yaml file")
+        raise LadderError(
+            f"unknown ladder {str(spec)!r}{_suggest(str(spec), list(LADDERS))}; use one of "
+            f"{', '.join(LADDERS)} or a .yaml file"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -284,34 +378,64 @@ _PHOTOMETRIC_POOL = ["brightness", "contrast", "sharpness", "posterize", "solari
 LADDERS: dict[str, dict[str, Any]] = {
     "none": {"rungs": [[]]},
     "flips": {"rungs": [[], [{"op": "hflip", "magnitude": 1.0}]]},
-    # flip/crop -> RandAugment-like at rising magnitude -> plus cutout.
-    "default": {"rungs": [
-        [],
-        [{"op": "hflip", "magnitude": 1.0}, {"op": "crop", "magnitude": 0.5}],
-        {"ops": [{"op": "hflip", "magnitude": 1.0}, {"op": "crop", "magnitude": 0.5}],
-         "randaugment": {"n": 2, "magnitude": 0.3, "pool": _GEOMETRIC_POOL + _PHOTOMETRIC_POOL}},
-        {"ops": [{"op": "hflip", "magnitude": 1.0}, {"op": "crop", "magnitude": 0.5}],
-         "randaugment": {"n": 2, "magnitude": 0.6, "pool": _GEOMETRIC_POOL + _PHOTOMETRIC_POOL}},
-        {"ops": [{"op": "hflip", "magnitude": 1.0}, {"op": "crop", "magnitude": 0.5}, {"op": "cutout", "magnitude": 0.6}],
-         "randaugment": {"n": 2, "magnitude": 0.9, "pool": _GEOMETRIC_POOL + _PHOTOMETRIC_POOL}},
-    ]},
+    # flip/crop -> RandAugment-like at rising magnitude -> plus cutout -> plus cutmix (soft targets).
+    "default": {
+        "rungs": [
+            [],
+            [{"op": "hflip", "magnitude": 1.0}, {"op": "crop", "magnitude": 0.5}],
+            {
+                "ops": [{"op": "hflip", "magnitude": 1.0}, {"op": "crop", "magnitude": 0.5}],
+                "randaugment": {"n": 2, "magnitude": 0.3, "pool": _GEOMETRIC_POOL + _PHOTOMETRIC_POOL},
+            },
+            {
+                "ops": [{"op": "hflip", "magnitude": 1.0}, {"op": "crop", "magnitude": 0.5}],
+                "randaugment": {"n": 2, "magnitude": 0.6, "pool": _GEOMETRIC_POOL + _PHOTOMETRIC_POOL},
+            },
+            {
+                "ops": [
+                    {"op": "hflip", "magnitude": 1.0},
+                    {"op": "crop", "magnitude": 0.5},
+                    {"op": "cutout", "magnitude": 0.6},
+                ],
+                "randaugment": {"n": 2, "magnitude": 0.9, "pool": _GEOMETRIC_POOL + _PHOTOMETRIC_POOL},
+            },
+            {
+                "ops": [
+                    {"op": "hflip", "magnitude": 1.0},
+                    {"op": "crop", "magnitude": 0.5},
+                    {"op": "cutout", "magnitude": 0.6},
+                ],
+                "randaugment": {"n": 2, "magnitude": 0.9, "pool": _GEOMETRIC_POOL + _PHOTOMETRIC_POOL},
+                "mix": {"kind": "cutmix", "magnitude": 0.8},
+            },
+        ]
+    },
     # Digits: no flips, no colour; small shifts and rotations first, then stronger geometry and cutout.
-    "digits": {"rungs": [
-        [],
-        [{"op": "crop", "magnitude": 0.3}],
-        {"ops": [{"op": "crop", "magnitude": 0.3}],
-         "randaugment": {"n": 1, "magnitude": 0.4, "pool": _GEOMETRIC_POOL}},
-        {"ops": [{"op": "crop", "magnitude": 0.4}],
-         "randaugment": {"n": 2, "magnitude": 0.6, "pool": [*_GEOMETRIC_POOL, "contrast", "blur"]}},
-        {"ops": [{"op": "crop", "magnitude": 0.4}, {"op": "cutout", "magnitude": 0.5}],
-         "randaugment": {"n": 2, "magnitude": 0.8, "pool": [*_GEOMETRIC_POOL, "contrast", "blur"]}},
-    ]},
+    "digits": {
+        "rungs": [
+            [],
+            [{"op": "crop", "magnitude": 0.3}],
+            {
+                "ops": [{"op": "crop", "magnitude": 0.3}],
+                "randaugment": {"n": 1, "magnitude": 0.4, "pool": _GEOMETRIC_POOL},
+            },
+            {
+                "ops": [{"op": "crop", "magnitude": 0.4}],
+                "randaugment": {"n": 2, "magnitude": 0.6, "pool": [*_GEOMETRIC_POOL, "contrast", "blur"]},
+            },
+            {
+                "ops": [{"op": "crop", "magnitude": 0.4}, {"op": "cutout", "magnitude": 0.5}],
+                "randaugment": {"n": 2, "magnitude": 0.8, "pool": [*_GEOMETRIC_POOL, "contrast", "blur"]},
+            },
+        ]
+    },
 }
 
 
 def builtin_ladder(name: str) -> Ladder:
     """One of the built-in ladders: ``none``, ``flips``, ``default``, ``digits``."""
     if name not in LADDERS:
-        raise LadderError(f"unknown built-in ladder {name!r}{_suggest(name, list(LADDERS))}; "
-                          f"built-ins: {', '.join(LADDERS)}")
+        raise LadderError(
+            f"unknown built-in ladder {name!r}{_suggest(name, list(LADDERS))}; built-ins: {', '.join(LADDERS)}"
+        )
     return parse_ladder(LADDERS[name], name=name)

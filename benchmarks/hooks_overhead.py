@@ -15,14 +15,14 @@ import statistics
 import time
 
 import torch
-from cycdata.loaders.datasets import load_dataset
-from cycdata.loaders.torch_loader import BatchLoader
-from cycdata.train.hooks import CyclicalHooks
-from cycdata.train.trainer import Normalize, build_model, build_optimizer, setup_runtime, train_one_epoch
 
 from cycdata.config import load_config
+from cycdata.loaders.datasets import load_dataset
+from cycdata.loaders.torch_loader import BatchLoader
 from cycdata.plan import Plan
 from cycdata.samplers import ShuffledBatchSampler
+from cycdata.train.hooks import CyclicalHooks
+from cycdata.train.trainer import Normalize, build_model, build_optimizer, setup_runtime, train_one_epoch
 
 VARIANTS = {
     # Plain: constant weight decay, no temperature, no clipping.

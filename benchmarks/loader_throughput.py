@@ -18,9 +18,10 @@ import statistics
 import time
 
 import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+
 from cycdata.loaders.datasets import load_dataset
 from cycdata.loaders.torch_loader import CyclicalLoader
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 
 class PerSample(Dataset):

@@ -330,7 +330,7 @@ class LossConfig:
         return 0.1 if self.name == "cyclical_focal" else 0.0
 
 
-LADDERS = ("none", "flips", "default", "digits")
+LADDERS = ("auto", "none", "flips", "default", "digits")
 
 
 def ladder(key_name: str, raw: Any, ctx: Mapping[str, Any]) -> str:
@@ -345,8 +345,11 @@ def ladder(key_name: str, raw: Any, ctx: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    ladder: str = key(ladder, "none", "augmentation-strength ladder: a name or a YAML file")
+    ladder: str = key(ladder, "auto", "augmentation-strength ladder: a name, a YAML file, or auto (digits for "
+                      "1-channel digit datasets, default otherwise)")
     strength: Schedule = key(knob(ge=0, le=1), Cyclical(0.0, 1.0), "ladder strength in [0, 1]")
+    backend: str = key(choice("torch", "torchvision", "albumentations"), "torch",
+                       "kernels of the per-sample worker path (the trainer augments batches on the device)")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ __all__ = ["CyclicalBatchSampler", "EpochPlan", "IndexStream", "SemiSupervisedBa
            "epoch_generator"]
 
 
-def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+def epoch_generator(seed: int, epoch: int, stream: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
     """A CPU generator seeded from (seed, epoch, stream): the same everywhere, independent of the global RNG.
 
     Example:
@@ -39,7 +39,7 @@ def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
         >>> bool((a == b).all())
         True
     """
-    generator = torch.Generator()
+    generator = torch.Generator(device=device)
     # Mix the three numbers so neighbouring seeds and epochs do not give related streams.
     generator.manual_seed((seed * 1_000_003 + epoch * 10_007 + stream * 101 + 12345) % (2**63 - 1))
     return generator

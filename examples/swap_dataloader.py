@@ -19,6 +19,7 @@ from __future__ import annotations
 import timm
 import torch
 import torch.nn.functional as F
+
 from cycdata.loaders.datasets import load_dataset
 from cycdata.loaders.torch_loader import CyclicalLoader
 

@@ -33,7 +33,7 @@ from cycdata.ledger import LossLedger
 from cycdata.samplers import CyclicalBatchSampler, EpochPlan, SemiSupervisedBatchSampler
 from cycdata.schedules import as_schedule
 
-__all__ = ["BatchLoader", "CyclicalLoader", "IndexedDataset"]
+__all__ = ["AugmentedDataset", "BatchLoader", "CyclicalLoader", "IndexedDataset"]
 
 Batch = tuple[Tensor, Tensor, Tensor]
 
@@ -100,6 +100,56 @@ class BatchLoader(Iterable[Batch]):
             yield batch_images, batch_labels, indices
 
 
+def _ladder_and_strength(ladder: Any, strength: Any, factor: float) -> tuple[Any, Any]:
+    if ladder is None:
+        if strength is not None:
+            raise ValueError("strength= needs a ladder= (a built-in name, a YAML file or a Ladder)")
+        return None, None
+    from cycdata.augment_ladder.ladder import Ladder, load_ladder
+
+    resolved = ladder if isinstance(ladder, Ladder) else load_ladder(ladder)
+    return resolved, as_schedule({"easy": 0.0, "hard": 1.0} if strength is None else strength, factor)
+
+
+class AugmentedDataset(Dataset):
+    """Items ``(image, *rest)`` of ``dataset`` with the image augmented at the strength sent with the index.
+
+    Indices arrive as ``(index, strength, seed)`` from the loader's batch sampler, in the worker.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Any, with_strength: bool = False) -> None:
+        self.dataset, self.transform, self.with_strength = dataset, transform, with_strength
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, float, int]) -> tuple[Any, ...]:
+        index, strength, seed = key
+        item = self.dataset[index]
+        image = item[0]
+        if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.dim() != 3:
+            raise TypeError("a ladder in CyclicalLoader needs items (image, ...) with a uint8 [C, H, W] tensor image; "
+                            f"got {type(image).__name__}; convert with torchvision.transforms.v2.PILToTensor()")
+        augmented = self.transform(image, strength, seed)
+        return (augmented, *item[1:], strength) if self.with_strength else (augmented, *item[1:])
+
+
+class _WithStrength:
+    """Wraps a batch sampler: each index leaves the main process with the epoch's strength and a seed."""
+
+    def __init__(self, inner: Any, strength_at: Any, seed: int) -> None:
+        self.inner, self.strength_at, self.seed = inner, strength_at, seed
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Iterator[list[tuple[int, float, int]]]:
+        epoch = self.inner.epoch
+        strength = self.strength_at(epoch)
+        for batch in self.inner:
+            yield [(index, strength, (self.seed * 1_000_003 + epoch) * 1_000_033 + index) for index in batch]
+
+
 class CyclicalLoader:
     """A drop-in for ``DataLoader(dataset, batch_size=B, shuffle=True, ...)`` with cyclical knobs.
 
@@ -126,6 +176,12 @@ class CyclicalLoader:
         ledger_ema, ledger_device: loss-ledger options.
         rank, world_size: default from the initialised process group (like DistributedSampler).
         drop_last: drop each epoch's last incomplete batch.
+        ladder, strength: an augmentation ladder (name, YAML file or Ladder) and its strength knob
+            (default ``{"easy": 0, "hard": 1}``). With workers, items must be ``(uint8 [C,H,W] image, ...)``;
+            each is augmented in its worker at the strength sent with its index. In-memory datasets
+            without workers are augmented as whole batches in the main process.
+        augment_backend: ``torch`` | ``torchvision`` | ``albumentations`` kernels for the worker path.
+        with_strength: append the strength each item was augmented at (a diagnostic).
         **dataloader_kwargs: passed to ``torch.utils.data.DataLoader`` (num_workers, collate_fn,
             pin_memory, persistent_workers, ...). ``shuffle``/``sampler``/``batch_sampler`` are ours.
 
@@ -152,7 +208,8 @@ class CyclicalLoader:
                  factor: float = 2.0, seed: int = 0, schedule_unit: str = "epoch", normalization: str = "reference",
                  refresh_fraction: float = 0.05, ledger_ema: float | None = None,
                  ledger_device: torch.device | str | None = None, rank: int | None = None,
-                 world_size: int | None = None, drop_last: bool = False, **dataloader_kwargs: Any) -> None:
+                 world_size: int | None = None, drop_last: bool = False, ladder: Any = None, strength: Any = None,
+                 augment_backend: str = "torch", with_strength: bool = False, **dataloader_kwargs: Any) -> None:
         for reserved in ("shuffle", "sampler", "batch_sampler"):
             if dataloader_kwargs.get(reserved) not in (None, False):
                 raise ValueError(f"CyclicalLoader chooses the samples itself; drop the {reserved}= argument")
@@ -187,9 +244,19 @@ class CyclicalLoader:
                 labels=torch.as_tensor(labels) if per_class and selecting else None, ledger=self.ledger,
                 refresh_fraction=refresh_fraction, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
         fast = (_is_in_memory(dataset) and dataloader_kwargs.get("num_workers", 0) == 0
-                and dataloader_kwargs.get("collate_fn") is None)
+                and dataloader_kwargs.get("collate_fn") is None and not with_strength)
         self._pin = bool(dataloader_kwargs.get("pin_memory", False))
-        self._loader = None if fast else DataLoader(dataset, batch_sampler=self.batch_sampler, **dataloader_kwargs)
+        self.ladder, self.strength = _ladder_and_strength(ladder, strength, factor)
+        self._seed = seed
+        source_dataset, source_sampler = dataset, self.batch_sampler
+        if self.ladder is not None and not fast:
+            from cycdata.augment_ladder.backends import LadderTransform
+
+            # The strength and a per-sample seed travel with each index (DESIGN rule 3): workers,
+            # persistent ones included, never hold a strength of their own.
+            source_dataset = AugmentedDataset(dataset, LadderTransform(self.ladder, augment_backend), with_strength)
+            source_sampler = _WithStrength(self.batch_sampler, self._strength_at, seed)
+        self._loader = None if fast else DataLoader(source_dataset, batch_sampler=source_sampler, **dataloader_kwargs)
         self.epoch = 0
         self.batch_indices: Tensor = torch.empty(0, dtype=torch.long)
         self.labeled_count = 0
@@ -230,12 +297,20 @@ class CyclicalLoader:
         self.set_epoch(self.epoch + 1)
 
     def _gather(self) -> Iterator[list[Tensor]]:
-        """In-memory datasets: index the tensors directly (what default_collate would build, faster)."""
+        """In-memory datasets: index the tensors directly (what default_collate would build, faster);
+        a ladder augments the whole batch here, in the main process, with per-sample parameters."""
         images, labels = self.dataset.images, self.dataset.labels  # type: ignore[attr-defined]
-        for batch in self.batch_sampler:
+        for number, batch in enumerate(self.batch_sampler):
             indices = torch.as_tensor(batch, dtype=torch.long)
             parts = [images.index_select(0, indices), labels.index_select(0, indices)]
+            if self.ladder is not None:
+                generator = torch.Generator().manual_seed(self._seed * 1_000_003 + self.epoch * 10_007 + number)
+                pixels = self.ladder.apply(parts[0].float() / 255.0, self._strength_at(self.epoch), generator)
+                parts[0] = (pixels * 255.0).round_().clamp_(0, 255).to(torch.uint8)
             yield [part.pin_memory() for part in parts] if self._pin else parts
+
+    def _strength_at(self, epoch: int) -> float:
+        return 0.0 if self.strength is None else min(1.0, max(0.0, float(self.strength(self.clock.progress(epoch)))))
 
     # --- losses ---------------------------------------------------------------------------------
 
@@ -269,6 +344,8 @@ class CyclicalLoader:
                     "semi_supervised.passes": sampler.unlabeled.passes}
         plan = self.batch_sampler.plan(self.epoch)
         knobs: dict[str, float | int] = {"data.batch_size": plan.batch_size}
+        if self.ladder is not None:
+            knobs["augment.strength"] = self._strength_at(self.epoch)
         if self.batch_sampler.selecting:
             knobs.update({"self_paced.kept": plan.kept, "self_paced.threshold": plan.threshold,
                           "self_paced.unseen": plan.unseen, "self_paced.refreshed": plan.refreshed})

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from cycdata.loaders.datasets import (
     DatasetError,
     DatasetSplits,
@@ -16,7 +18,6 @@ from cycdata.loaders.datasets import (
     TensorImageDataset,
     load_dataset,
 )
-from PIL import Image
 
 
 def _row_hashes(images: torch.Tensor) -> list[str]:

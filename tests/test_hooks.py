@@ -6,13 +6,13 @@ import pytest
 import timm
 import timm.optim
 import torch
-from cycdata.train.hooks import CyclicalHooks, clip_gradients
 from torch import nn
 
 from cycdata.clock import Clock
 from cycdata.config import parse_config
 from cycdata.plan import Plan
 from cycdata.schedules import Cyclical
+from cycdata.train.hooks import CyclicalHooks, clip_gradients
 
 
 def make_plan(**raw: object) -> Plan:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
 from cycdata.augment_ladder.ladder import LADDERS, LadderError, builtin_ladder, load_ladder, parse_ladder
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from cycdata.loaders.torch_loader import CyclicalLoader
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from cycdata.clock import Clock
+from cycdata.loaders.torch_loader import CyclicalLoader
 from cycdata.samplers import SemiSupervisedBatchSampler
 from cycdata.schedules import Cyclical
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from cycdata.train.losses import CyclicalFocalLoss, cyclical_focal_loss, soft_cross_entropy
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from cycdata.train.losses import CyclicalFocalLoss, cyclical_focal_loss, soft_cross_entropy
 
 TOL = 1e-5
 

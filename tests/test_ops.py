@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+
 from cycdata.augment_ladder.ops import OPS, Op, apply_per_sample, mix_batch, register_op
 
 # Parametrize over the registry, so that every op registered at import time is covered automatically.

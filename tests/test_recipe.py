@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cycdata.train.trainer import train
 
 from cycdata.config import load_config
+from cycdata.train.trainer import train
 
 
 @pytest.mark.slow

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from cycdata.train.checkpoint import CheckpointError, load_checkpoint
-from cycdata.train.trainer import resume, train
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cycdata.clock import Clock
-from cycdata.config import ConfigError, load_config
+from cycdata.config import load_config
 from cycdata.schedules import Cyclical
+from cycdata.train.checkpoint import CheckpointError, load_checkpoint
+from cycdata.train.trainer import resume, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["model=test_resnet", "runtime.progress=false", "data.num_workers=0"]
@@ -164,11 +164,14 @@ def test_bad_input_fails_before_training(tmp_path: Path, args: list[str], words:
     assert not (out / "last.pt").exists()
 
 
-def test_unsupported_features_are_refused_not_ignored() -> None:
-    from cycdata.train.trainer import check_supported
-
-    with pytest.raises(ConfigError, match="not supported by the trainer yet"):
-        check_supported(load_config(None, ["augment.ladder=default"]))
+def test_a_bad_ladder_fails_before_training(tmp_path: Path) -> None:
+    ladder = tmp_path / "bad.yaml"
+    ladder.write_text("rungs:\n  - []\n  - [{op: rotat, magnitude: 0.5}]\n")
+    result = run_cli("train", *FAST, f"augment.ladder={ladder}", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "augment.ladder" in result.stderr and "did you mean 'rotate'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_cyclical_focal_loss_trains(tmp_path: Path) -> None:

@@ -35,19 +35,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cycdata.augment_ladder.ladder import Ladder, LadderError, load_ladder
 from cycdata.augment_ladder.views import strong_view, weak_view
+from cycdata.config import ConfigError, RunConfig, config_to_dict, dump_config, parse_config, read_yaml
 from cycdata.loaders.datasets import DatasetSplits, load_dataset
 from cycdata.loaders.torch_loader import BatchLoader, CyclicalLoader
+from cycdata.plan import Plan
+from cycdata.samplers import ShuffledBatchSampler, epoch_generator
+from cycdata.selection import loss_quantile, spl_weights
 from cycdata.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from cycdata.train.hooks import CyclicalHooks
 from cycdata.train.losses import cyclical_focal_loss, soft_cross_entropy
 from cycdata.train.metrics import EvalAccumulator, RunLogger
-from torch import Tensor, nn
-
-from cycdata.config import ConfigError, RunConfig, config_to_dict, dump_config, parse_config, read_yaml
-from cycdata.plan import Plan
-from cycdata.samplers import ShuffledBatchSampler, epoch_generator
-from cycdata.selection import loss_quantile, spl_weights
 
 __all__ = ["check_supported", "resume", "train"]
 
@@ -99,10 +100,21 @@ def setup_runtime(requested: str) -> Runtime:
 # than silently ignored.
 def check_supported(config: RunConfig) -> None:
     """Refuse, before training, config features this trainer cannot honour."""
-    if config.augment.ladder != "none":
-        raise ConfigError("augment.ladder", "augmentation ladders are not supported by the trainer yet; use 'none'")
     if config.self_paced is not None and config.semi_supervised is not None:
         raise ConfigError("self_paced", "self-paced selection and semi_supervised cannot be combined; set one to null")
+
+
+def resolve_ladder(config: RunConfig, data: DatasetSplits) -> Ladder | None:
+    """The run's ladder (``auto``: ``digits`` for 1-channel digit data, else ``default``); None for ``none``."""
+    name = config.augment.ladder
+    if name == "auto":
+        name = "digits" if data.name in ("mnist5k", "digits") or data.in_chans == 1 else "default"
+    if name == "none":
+        return None
+    try:
+        return load_ladder(name)
+    except LadderError as error:
+        raise ConfigError("augment.ladder", str(error)) from None
 
 
 def build_model(config: RunConfig, data: DatasetSplits) -> nn.Module:
@@ -149,17 +161,18 @@ def training_loss(config: RunConfig, plan_values: dict[str, float | int]):
 
 
 class Normalize(nn.Module):
-    """uint8 images on the device -> normalized float (done on the device, where it is cheap)."""
+    """uint8 images (or float images in [0, 1]) on the device -> normalized float, done on the device."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("scale", 1.0 / (torch.tensor(std).view(1, -1, 1, 1) * 255.0), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("scale", 1.0 / torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, images: Tensor) -> Tensor:
         images = images.to(memory_format=self.memory_format)
-        return (images.float() - self.mean) * self.scale
+        pixels = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        return (pixels - self.mean) * self.scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +190,9 @@ class EpochContext:
     normalize: Normalize
     runtime: Runtime
     batch_threshold: float | None = None  # batch-level self-paced threshold of this epoch
-    generator: torch.Generator | None = None  # SSL view parameters
+    generator: torch.Generator | None = None  # augmentation and SSL view parameters, on the training device
+    ladder: Ladder | None = None  # the augmentation ladder, applied to batches on the device
+    num_classes: int = 0
 
 
 def batch_self_paced_weights(per_sample: Tensor, threshold: float | None, weighting: str) -> Tensor | None:
@@ -199,8 +214,28 @@ def fixmatch_loss(logits_weak: Tensor, logits_strong: Tensor, confidence: float)
     return per_sample, mask, pseudo
 
 
-def train_one_epoch(model: nn.Module, loader: CyclicalLoader, epoch: int, context: EpochContext,
-                    progress: Any) -> dict[str, float]:
+def augment_batch(
+    context: EpochContext, images: Tensor, labels: Tensor, labeled: int, strength: float
+) -> tuple[Tensor, Tensor]:
+    """Apply the ladder at ``strength`` to the labeled part of a uint8 batch, on its device.
+
+    Returns float images in [0, 1] and the training targets (soft when a rung mixes batches).
+    """
+    assert context.ladder is not None
+    pixels = images.float() / 255.0
+    supervised, targets = pixels[:labeled], labels[:labeled]
+    if context.ladder.mixes:
+        supervised, targets = context.ladder.apply_with_targets(
+            supervised, targets, strength, context.num_classes, context.generator
+        )
+    else:
+        supervised = context.ladder.apply(supervised, strength, context.generator)
+    return torch.cat([supervised, pixels[labeled:]]), targets
+
+
+def train_one_epoch(
+    model: nn.Module, loader: CyclicalLoader, epoch: int, context: EpochContext, progress: Any
+) -> dict[str, float]:
     """One pass of the loader; per-sample losses go to the loader's ledger (no host sync per step)."""
     model.train()
     hooks, optimizer, config, runtime = context.hooks, context.optimizer, context.config, context.runtime
@@ -221,16 +256,25 @@ def train_one_epoch(model: nn.Module, loader: CyclicalLoader, epoch: int, contex
             loss_fn = training_loss(config, values)
         labeled = loader.labeled_count
         seen += labeled
-        images = context.normalize(images.to(device, non_blocking=True))
+        images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        targets: Tensor = labels[:labeled]
+        if context.ladder is not None:
+            images, targets = augment_batch(context, images, labels, labeled, float(values["augment.strength"]))
+        images = context.normalize(images)
         if ssl is not None:
             unlabeled = images[labeled:]
-            images = torch.cat([weak_view(images[:labeled], context.generator),
-                                weak_view(unlabeled, context.generator), strong_view(unlabeled, context.generator)])
+            images = torch.cat(
+                [
+                    weak_view(images[:labeled], context.generator),
+                    weak_view(unlabeled, context.generator),
+                    strong_view(unlabeled, context.generator),
+                ]
+            )
         with autocast:
             logits = model(images)
         labeled_logits = logits[:labeled]
-        per_sample = loss_fn(hooks.scale_logits(labeled_logits.float()), labels[:labeled])
+        per_sample = loss_fn(hooks.scale_logits(labeled_logits.float()), targets)
         weights = loader.batch_weights
         if weights is None:
             weights = batch_self_paced_weights(per_sample, context.batch_threshold, weighting)
@@ -269,16 +313,20 @@ def train_one_epoch(model: nn.Module, loader: CyclicalLoader, epoch: int, contex
     if runtime.distributed:
         dist.all_reduce(sums)
     values = sums.tolist()
-    metrics = {"train_loss": values[0] / values[2], "train_accuracy": values[1] / values[2],
-               "train_samples": values[2]}
+    metrics = {"train_loss": values[0] / values[2], "train_accuracy": values[1] / values[2], "train_samples": values[2]}
     if hooks.clip_threshold is not None and hooks.clip_mode == "norm":
         metrics["grad_norm"] = values[3] / (steps * runtime.world_size)
     if ssl is not None:
         # NaN, not 0, for an epoch with no unlabeled samples (ratio 0) or no confident pseudo-label.
         unlabeled_seen = values[6] or math.nan
-        metrics.update({"unlabeled_loss": values[4] / unlabeled_seen, "unlabeled_samples": values[6],
-                        "pseudo_label_rate": values[5] / unlabeled_seen,
-                        "pseudo_label_accuracy": values[7] / (values[5] or math.nan)})
+        metrics.update(
+            {
+                "unlabeled_loss": values[4] / unlabeled_seen,
+                "unlabeled_samples": values[6],
+                "pseudo_label_rate": values[5] / unlabeled_seen,
+                "pseudo_label_accuracy": values[7] / (values[5] or math.nan),
+            }
+        )
     return metrics
 
 
@@ -325,6 +373,7 @@ def train(
     runtime = setup_runtime(config.runtime.device)
     out = Path(out_dir)
     data = load_dataset(config.data.dataset)
+    ladder = resolve_ladder(config, data)  # a bad ladder fails here, before any model is built
     plan = Plan.from_config(config)
 
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP broadcasts them anyway)
@@ -356,12 +405,26 @@ def train(
 
     pin = runtime.device.type == "cuda"
     train_loader = build_train_loader(config, data, runtime)
-    test_sampler = ShuffledBatchSampler(len(data.test), config.data.eval_batch_size, shuffle=False, pad=False,
-                                        rank=runtime.rank, world_size=runtime.world_size)
+    test_sampler = ShuffledBatchSampler(
+        len(data.test),
+        config.data.eval_batch_size,
+        shuffle=False,
+        pad=False,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+    )
     test_loader = BatchLoader(data.test, test_sampler, num_workers=_workers(config, data.test), pin_memory=pin)
     if resume_from is not None and resume_from.get("data_state"):
         train_loader.load_state_dict(resume_from["data_state"])
-    context = EpochContext(hooks=hooks, optimizer=optimizer, config=config, normalize=normalize, runtime=runtime)
+    context = EpochContext(
+        hooks=hooks,
+        optimizer=optimizer,
+        config=config,
+        normalize=normalize,
+        runtime=runtime,
+        ladder=ladder,
+        num_classes=data.num_classes,
+    )
 
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -376,22 +439,38 @@ def train(
             train_loader.set_epoch(epoch)
             data_knobs = train_loader.knobs  # fixes the epoch's selection and batch size
             context.batch_threshold = _batch_level_threshold(config, plan, train_loader, epoch)
-            context.generator = epoch_generator(config.seed, epoch, stream=4 + runtime.rank)
+            context.generator = epoch_generator(config.seed, epoch, stream=4 + runtime.rank, device=runtime.device)
             progress = _progress_bar(epoch, config.epochs, len(train_loader)) if show_progress else None
             train_metrics = train_one_epoch(train_model, train_loader, epoch, context, progress)
             train_seconds = time.perf_counter() - started
             test_metrics = evaluate(model, test_loader, config, normalize, runtime)
             if progress is not None:
                 progress.close()
-            row = {"epoch": epoch, **plan.at(epoch), **data_knobs, **train_metrics, **test_metrics,
-                   "images_per_second": train_metrics["train_samples"] / train_seconds,
-                   "epoch_seconds": time.perf_counter() - started}
+            row = {
+                "epoch": epoch,
+                **plan.at(epoch),
+                **data_knobs,
+                **train_metrics,
+                **test_metrics,
+                "images_per_second": train_metrics["train_samples"] / train_seconds,
+                "epoch_seconds": time.perf_counter() - started,
+            }
             if config.semi_supervised is not None:
                 row["semi_supervised.coverage"] = train_loader.batch_sampler.unlabeled.coverage
                 row["semi_supervised.passes"] = train_loader.batch_sampler.unlabeled.passes
             logger.log_epoch(row)
-            best_accuracy = _save(out, runtime, model, optimizer, config, epoch, row, best_accuracy, logger.history,
-                                  train_loader.state_dict())
+            best_accuracy = _save(
+                out,
+                runtime,
+                model,
+                optimizer,
+                config,
+                epoch,
+                row,
+                best_accuracy,
+                logger.history,
+                train_loader.state_dict(),
+            )
             if runtime.is_main:
                 print(_summary(row, config.epochs), flush=True)
     finally:
@@ -417,8 +496,11 @@ def labeled_subset(labels: Tensor, count: int, num_classes: int) -> Tensor:
     for cls, take in enumerate(per_class):
         members = (labels == cls).nonzero().flatten()
         if take > len(members):
-            raise ConfigError("semi_supervised.labeled", f"asks for {count} labeled samples, but class {cls} has only "
-                              f"{len(members)}; use at most {len(members) * num_classes}")
+            raise ConfigError(
+                "semi_supervised.labeled",
+                f"asks for {count} labeled samples, but class {cls} has only "
+                f"{len(members)}; use at most {len(members) * num_classes}",
+            )
         chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
     return torch.cat(chosen).sort().values
 
@@ -426,9 +508,14 @@ def labeled_subset(labels: Tensor, count: int, num_classes: int) -> Tensor:
 def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> CyclicalLoader:
     """The training loader: every data-side knob of the config, rank-aware."""
     options: dict[str, Any] = {
-        "epochs": config.epochs, "batch_size": config.data.batch_size, "seed": config.seed,
-        "schedule_unit": config.schedule_unit, "normalization": config.normalization,
-        "rank": runtime.rank, "world_size": runtime.world_size, "num_workers": _workers(config, data.train),
+        "epochs": config.epochs,
+        "batch_size": config.data.batch_size,
+        "seed": config.seed,
+        "schedule_unit": config.schedule_unit,
+        "normalization": config.normalization,
+        "rank": runtime.rank,
+        "world_size": runtime.world_size,
+        "num_workers": _workers(config, data.train),
         "pin_memory": runtime.device.type == "cuda",
         "ledger_device": runtime.device if runtime.device.type == "cuda" else None,
     }
@@ -436,8 +523,14 @@ def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime)
         options["persistent_workers"] = True
     sp, ssl = config.self_paced, config.semi_supervised
     if sp is not None and sp.level == "epoch":
-        options.update(keep=sp.keep, threshold=sp.threshold, weighting=sp.weighting, per_class=sp.per_class,
-                       refresh_fraction=sp.refresh, labels=getattr(data.train, "labels", None))
+        options.update(
+            keep=sp.keep,
+            threshold=sp.threshold,
+            weighting=sp.weighting,
+            per_class=sp.per_class,
+            refresh_fraction=sp.refresh,
+            labels=getattr(data.train, "labels", None),
+        )
     if ssl is not None:
         labels = getattr(data.train, "labels", None)
         if labels is None:
@@ -520,7 +613,18 @@ def _summary(row: dict[str, Any], epochs: int) -> str:
     knobs = "  ".join(
         f"{name} {value:.4g}"
         for name, value in row.items()
-        if name.startswith(("optim.", "data.", "temperature", "grad_clip", "loss."))
+        if name.startswith(
+            (
+                "optim.",
+                "data.",
+                "temperature",
+                "grad_clip",
+                "loss.",
+                "augment.",
+                "self_paced.kept",
+                "semi_supervised.ratio",
+            )
+        )
     )
     return (
         f"epoch {row['epoch'] + 1:>3}/{epochs}  loss {row['train_loss']:.4f}  "
