@@ -1,4 +1,4 @@
-"""The ``cycdata`` command: ``plan`` and ``train``.
+"""The ``cycdata`` command: ``plan``, ``train`` and ``ladder`` (``measure``, ``show``).
 
 Every invalid input exits with status 2 and one line on stderr naming the problem and the fix.
 
@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cycdata.loaders.datasets import DatasetError
-from cycdata.train.checkpoint import CheckpointError
-
+from cycdata.augment_ladder.ladder import LadderError
 from cycdata.config import ConfigError, RunConfig, load_config
+from cycdata.loaders.datasets import DatasetError
 from cycdata.plan import Plan
+from cycdata.train.checkpoint import CheckpointError
 
 __all__ = ["main"]
 
@@ -96,6 +96,75 @@ def _command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_ladder_measure(args: argparse.Namespace) -> int:
+    import yaml
+
+    from cycdata.augment_ladder.ladder import load_ladder
+    from cycdata.augment_ladder.measure import measure_ladder, reorder, train_reference_model
+    from cycdata.loaders.datasets import load_dataset
+
+    # Everything that can be wrong is checked before the reference model trains (seconds to minutes).
+    for flag, value in (("--samples", args.samples), ("--epochs", args.epochs)):
+        if value < 1:
+            raise ConfigError(flag, f"got {value}; give an integer >= 1")
+    ladder = load_ladder(args.ladder)
+    write = Path(args.write) if args.write else None
+    if write is not None:
+        if write.suffix not in (".yaml", ".yml"):
+            raise LadderError(f"--write {write}: the reordered ladder is written as YAML; name the file *.yaml")
+        if write.exists():
+            raise LadderError(f"--write {write}: the file exists; refusing to overwrite it, choose another name")
+        if not write.parent.is_dir():
+            raise LadderError(f"--write {write}: the folder {write.parent} does not exist")
+    import timm  # imported here: a second of start-up that only this command needs
+
+    if not timm.is_model(args.model):
+        raise ConfigError("--model", f"unknown timm model {args.model!r}; see timm.list_models() for names")
+    data = load_dataset(args.dataset)
+    notes = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the JSON object only
+
+    start = time.perf_counter()
+    model = train_reference_model(data, model=args.model, epochs=args.epochs)
+    seconds = time.perf_counter() - start
+    measurement = measure_ladder(ladder, data, model=model, samples=args.samples)
+    images = min(args.samples, len(data.test))
+    print(f"reference model: {args.model} trained {args.epochs} epoch(s) on {args.dataset} without augmentation "
+          f"in {seconds:.1f} s; clean accuracy {measurement.clean_accuracy:.1%} on {images} test images", file=notes)
+    if args.json:
+        print(measurement.to_json())
+    else:
+        print(measurement.table())
+        late = measurement.out_of_order()
+        if late:
+            print(f"rungs out of order: {late} (measured strength lower than the rung before); "
+                  f"measured order: {measurement.order()}")
+        else:
+            print("rungs in order of measured strength")
+    if write is not None:
+        text = yaml.safe_dump(reorder(ladder, measurement.order()).to_dict(), sort_keys=False)
+        try:
+            # Mode "x" creates the file or fails: a file that appeared during the measurement is not overwritten.
+            with open(write, "x") as handle:
+                handle.write(text)
+        except FileExistsError:
+            raise LadderError(f"--write {write}: the file appeared meanwhile; refusing to overwrite it") from None
+        print(f"ladder reordered by measured strength written to {write}", file=notes)
+    return 0
+
+
+def _command_ladder_show(args: argparse.Namespace) -> int:
+    from cycdata.augment_ladder.ladder import load_ladder
+    from cycdata.augment_ladder.measure import grid_png
+    from cycdata.loaders.datasets import load_dataset
+
+    if args.columns < 1:
+        raise ConfigError("--columns", f"got {args.columns}; give an integer >= 1")
+    ladder = load_ladder(args.ladder)
+    data = load_dataset(args.dataset)
+    print(grid_png(ladder, data, args.out, columns=args.columns))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cycdata", description="General cyclical training: start easy, train hard, finish easy.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -122,6 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="DIR", help="run folder (default: runs/DATASET-MODEL-TIME)")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     run.set_defaults(handler=_command_train)
+
+    ladder = commands.add_parser("ladder", help="measure an augmentation ladder's rungs, or show them on images")
+    ladder_commands = ladder.add_subparsers(dest="ladder_command", required=True, parser_class=_Parser)
+    ladder_help = "a built-in ladder (none, flips, default, digits) or a ladder .yaml file"
+    dataset_help = "dataset spec: mnist5k (default), digits, synthetic:N, cifar10:PATH, ..."
+    measure = ladder_commands.add_parser(
+        "measure", help="measure each rung's strength: pixel change, SSIM drop and a reference model's accuracy drop"
+    )
+    measure.add_argument("ladder", metavar="LADDER", help=ladder_help)
+    measure.add_argument("--dataset", default="mnist5k", help=dataset_help)
+    measure.add_argument("--samples", type=int, default=1000, help="test images to measure on (default 1000)")
+    measure.add_argument("--epochs", type=int, default=3, help="reference model epochs (default 3)")
+    measure.add_argument("--model", default="test_resnet", help="timm model of the reference (default test_resnet)")
+    measure.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    measure.add_argument("--write", metavar="FILE.yaml", help="write the ladder reordered by measured strength")
+    measure.set_defaults(handler=_command_ladder_measure)
+    show = ladder_commands.add_parser("show", help="draw every rung on the same test images to a PNG")
+    show.add_argument("ladder", metavar="LADDER", help=ladder_help)
+    show.add_argument("--dataset", default="mnist5k", help=dataset_help)
+    show.add_argument("--out", default="grid.png", metavar="FILE.png", help="the PNG to write (default grid.png)")
+    show.add_argument("--columns", type=int, default=8, help="images per rung (default 8)")
+    show.set_defaults(handler=_command_ladder_show)
     return parser
 
 
@@ -135,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"cycdata {args.command}: invalid config: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (DatasetError, CheckpointError) as error:
+    except (DatasetError, CheckpointError, LadderError) as error:
         print(f"cycdata {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
