@@ -22,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["EvalAccumulator", "RunLogger"]
+__all__ = ["KNOB_PREFIXES", "EvalAccumulator", "RunLogger"]
+
+#: Dotted-name prefixes of the knobs in a metrics row (the rest are metrics).
+KNOB_PREFIXES = ("optim.", "data.", "temperature", "grad_clip", "loss.", "augment.", "self_paced.", "semi_supervised.")
 
 
 class EvalAccumulator:
@@ -121,22 +124,7 @@ class RunLogger:
         epochs = [row["epoch"] for row in self.history]
         groups = {
             "metrics.png": [("train_loss", "test_nll"), ("train_accuracy", "test_accuracy"), ("test_ece",)],
-            "knobs.png": [
-                (name,)
-                for name in self.history[-1]
-                if name.startswith(
-                    (
-                        "optim.",
-                        "data.",
-                        "temperature",
-                        "grad_clip",
-                        "loss.",
-                        "augment.",
-                        "self_paced.",
-                        "semi_supervised.",
-                    )
-                )
-            ],
+            "knobs.png": [(name,) for name in self.history[-1] if name.startswith(KNOB_PREFIXES)],
         }
         for filename, panels in groups.items():
             panels = [panel for panel in panels if any(name in self.history[-1] for name in panel)]

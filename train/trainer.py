@@ -48,7 +48,7 @@ from cycdata.selection import loss_quantile, spl_weights
 from cycdata.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from cycdata.train.hooks import CyclicalHooks
 from cycdata.train.losses import cyclical_focal_loss, soft_cross_entropy
-from cycdata.train.metrics import EvalAccumulator, RunLogger
+from cycdata.train.metrics import KNOB_PREFIXES, EvalAccumulator, RunLogger
 
 __all__ = ["check_supported", "resume", "train"]
 
@@ -610,22 +610,7 @@ def _progress_bar(epoch: int, epochs: int, steps: int) -> Any:
 
 
 def _summary(row: dict[str, Any], epochs: int) -> str:
-    knobs = "  ".join(
-        f"{name} {value:.4g}"
-        for name, value in row.items()
-        if name.startswith(
-            (
-                "optim.",
-                "data.",
-                "temperature",
-                "grad_clip",
-                "loss.",
-                "augment.",
-                "self_paced.kept",
-                "semi_supervised.ratio",
-            )
-        )
-    )
+    knobs = "  ".join(f"{name} {value:.4g}" for name, value in row.items() if name.startswith(KNOB_PREFIXES))
     return (
         f"epoch {row['epoch'] + 1:>3}/{epochs}  loss {row['train_loss']:.4f}  "
         f"train {100 * row['train_accuracy']:.2f}%  test {100 * row['test_accuracy']:.2f}%  "
