@@ -20,8 +20,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from cycdata.loaders.datasets import load_dataset
-from cycdata.loaders.torch_loader import CyclicalLoader
+from cycdata.loaders import CyclicalLoader, load_dataset
 
 EPOCHS = 6
 
