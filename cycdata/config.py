@@ -361,6 +361,8 @@ class SelfPacedConfig:
     level: str = key(choice("epoch", "batch"), "epoch",
                      "epoch: the sampler selects samples; batch: a loss mask inside each batch")
     refresh: float = key(number(ge=0, le=1), 0.05, "share of excluded samples re-admitted each epoch (stale losses)")
+    ema: float | None = key(optional(number(ge=0, lt=1)), None,
+                            "loss-ledger smoothing: new = ema·old + (1 − ema)·loss; null keeps the latest loss")
 
 
 @dataclass(frozen=True)

@@ -348,7 +348,8 @@ class CyclicalLoader:
             knobs["augment.strength"] = self._strength_at(self.epoch)
         if self.batch_sampler.selecting:
             knobs.update({"self_paced.kept": plan.kept, "self_paced.threshold": plan.threshold,
-                          "self_paced.unseen": plan.unseen, "self_paced.refreshed": plan.refreshed})
+                          "self_paced.unseen": plan.unseen, "self_paced.refreshed": plan.refreshed,
+                          "self_paced.nonfinite": self.ledger.nonfinite_count})
         return knobs
 
     # --- state ----------------------------------------------------------------------------------

@@ -249,6 +249,7 @@ def test_train_drives_batch_size_and_self_paced_selection(tmp_path: Path) -> Non
     rows = read_metrics(tmp_path)
     assert [int(r["data.batch_size"]) for r in rows] == [100, 30, 100]
     assert [int(r["self_paced.kept"]) for r in rows] == [150, 300, 150]
+    assert [int(r["self_paced.nonfinite"]) for r in rows] == [0, 0, 0]  # no NaN/inf loss was recorded
     assert [float(r["train_samples"]) for r in rows] == [150, 300, 150]
     # linear LR coupling: the LR at epoch 1 is scaled by 30/100 of the planned value
     assert float(rows[1]["optim.lr"]) < float(rows[0]["optim.lr"]) or float(rows[1]["optim.lr"]) < 0.1 * 0.3 + 1e-9
@@ -262,6 +263,7 @@ def test_self_paced_run_resumes_exactly(tmp_path: Path) -> None:
         "data.batch_size={easy: 64, hard: 32}",
         "self_paced.keep={easy: 0.5, hard: 1.0}",
         "self_paced.weighting=linear",
+        "self_paced.ema=0.5",
     ]
     config = load_config(None, overrides)
     train(config, tmp_path / "straight")

@@ -522,6 +522,8 @@ def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime)
     if options["num_workers"] > 0:
         options["persistent_workers"] = True
     sp, ssl = config.self_paced, config.semi_supervised
+    if sp is not None:
+        options["ledger_ema"] = sp.ema
     if sp is not None and sp.level == "epoch":
         options.update(
             keep=sp.keep,
