@@ -8,8 +8,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cycdata._lazy import lazy_exports
 
 # Resolved on first use, so importing the package stays cheap.
 _EXPORTS = {
@@ -26,8 +25,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'cycdata.augment_ladder' has no attribute {name!r}")
+__getattr__ = lazy_exports("cycdata.augment_ladder", _EXPORTS)
