@@ -17,12 +17,17 @@ import time
 import torch
 
 from cycdata.config import load_config
-from cycdata.loaders.datasets import load_dataset
-from cycdata.loaders.torch_loader import BatchLoader
+from cycdata.loaders import CyclicalLoader, TensorImageDataset, load_dataset
 from cycdata.plan import Plan
-from cycdata.samplers import ShuffledBatchSampler
 from cycdata.train.hooks import CyclicalHooks
-from cycdata.train.trainer import Normalize, build_model, build_optimizer, setup_runtime, train_one_epoch
+from cycdata.train.trainer import (
+    EpochContext,
+    Normalize,
+    build_model,
+    build_optimizer,
+    setup_runtime,
+    train_one_epoch,
+)
 
 VARIANTS = {
     # Plain: constant weight decay, no temperature, no clipping.
@@ -46,11 +51,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    base = [f"model={args.model}", f"data.dataset={args.dataset}", "epochs=10", "runtime.progress=false"]
+    # The ladder is off in both variants: this measures the optimizer-side hooks alone.
+    base = [f"model={args.model}", f"data.dataset={args.dataset}", "epochs=10", "runtime.progress=false",
+            "augment.ladder=none"]
     configs = {name: load_config(None, base + overrides) for name, overrides in VARIANTS.items()}
     runtime = setup_runtime("auto")
     data = load_dataset(args.dataset)
     subset_size = min(args.samples, len(data.train))
+    subset = TensorImageDataset(data.train.images[:subset_size], data.train.labels[:subset_size])
     runs = {}
     for name, config in configs.items():
         torch.manual_seed(0)
@@ -58,18 +66,18 @@ def main() -> None:
         model = build_model(config, data).to(runtime.device)
         optimizer = build_optimizer(model, config, plan)
         hooks = CyclicalHooks(optimizer, plan, clip_mode="norm")
-        sampler = ShuffledBatchSampler(subset_size, args.batch_size, seed=0)
-        loader = BatchLoader(data.train, sampler)
+        loader = CyclicalLoader(subset, epochs=config.epochs, batch_size=args.batch_size, seed=0)
         normalize = Normalize(data.mean, data.std, channels_last=False).to(runtime.device)
-        runs[name] = (config, model, optimizer, hooks, loader, normalize)
+        context = EpochContext(hooks=hooks, optimizer=optimizer, config=config, normalize=normalize, runtime=runtime)
+        runs[name] = (model, loader, context)
 
     def one_epoch(name: str, epoch: int) -> float:
-        config, model, optimizer, hooks, loader, normalize = runs[name]
-        loader.batch_sampler.set_epoch(epoch)
+        model, loader, context = runs[name]
+        loader.set_epoch(epoch % 10)
         if runtime.device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        train_one_epoch(model, loader, hooks, optimizer, config, epoch % 10, normalize, runtime, None)
+        train_one_epoch(model, loader, epoch % 10, context, None)
         if runtime.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - started
