@@ -273,7 +273,10 @@ class DataConfig:
     dataset: str = key(dataset, "mnist5k", "dataset spec: " + DATASET_FORMS)
     batch_size: Schedule = key(knob(gt=0, integer=True), Constant(128), "training batch size (cyclical batch size)")
     eval_batch_size: int = key(number(gt=0, integer=True), 500, "batch size for evaluation")
-    num_workers: int = key(number(ge=0, integer=True), 2, "DataLoader worker processes")
+    num_workers: int = key(number(ge=0, integer=True), 2, "DataLoader worker processes (ffcv: decoding threads)")
+    placement: str = key(choice("auto", "device", "workers", "ffcv"), "auto",
+                         "where batches come from: device-resident tensors, DataLoader workers, ffcv (.beton); "
+                         "auto picks the fastest that fits")
     lr_coupling: str = key(choice("none", "linear", "sqrt"), "none", "LR scaling when the batch size cycles")
 
 

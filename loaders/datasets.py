@@ -11,7 +11,7 @@
 * ``folder:PATH``: an ImageFolder tree, decoded lazily; ``PATH/train`` + ``PATH/val`` (or ``PATH/test``) are used as
   the splits, otherwise the single tree ``PATH/<class>/<image>`` is split 80/20 per class.
 * ``synthetic:N``: ``N`` train and ``max(N // 5, 10)`` test images, 3x32x32, 10 classes, learnable.
-* ``beton:PATH``: reserved for the FFCV loader (not in this release).
+* ``beton:PATH``: files written by ``cycdata convert`` (see :mod:`cycdata.loaders.ffcv_loader`); needs ffcv.
 
 Every split that is not given by the data itself is a *fixed* stratified split (numpy ``Generator(0)``), so it never
 depends on a run's seed: two runs with different seeds train and test on the same images. cycdata never downloads.
@@ -207,10 +207,9 @@ def load_dataset(spec: str, *, image_size: int | None = None) -> DatasetSplits:
             raise DatasetError(f"{scheme} needs a path, got {spec!r}; write {scheme}:PATH")
         path = Path(arg.strip()).expanduser()
         if scheme == "beton":
-            raise DatasetError(
-                f"{spec}: .beton files are read by the FFCV loader, which is not available in this release yet; "
-                "use folder:PATH or cifar10:PATH"
-            )
+            from .ffcv_loader import load_beton
+
+            return load_beton(path)
         if scheme == "folder":
             return _load_folder(path, image_size or _FOLDER_DEFAULT_SIZE)
         return _load_cifar(_CIFAR_LAYOUTS[scheme], path, image_size)

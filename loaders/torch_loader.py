@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
@@ -33,7 +34,7 @@ from cycdata.ledger import LossLedger
 from cycdata.samplers import CyclicalBatchSampler, EpochPlan, SemiSupervisedBatchSampler
 from cycdata.schedules import as_schedule
 
-__all__ = ["AugmentedDataset", "BatchLoader", "CyclicalLoader", "IndexedDataset"]
+__all__ = ["AugmentedDataset", "BatchLoader", "CyclicalLoader", "IndexedDataset", "choose_placement"]
 
 Batch = tuple[Tensor, Tensor, Tensor]
 
@@ -111,6 +112,47 @@ def _ladder_and_strength(ladder: Any, strength: Any, factor: float) -> tuple[Any
     return resolved, as_schedule({"easy": 0.0, "hard": 1.0} if strength is None else strength, factor)
 
 
+def choose_placement(dataset: Any, placement: str, device: torch.device | str | None,
+                     dataloader_kwargs: dict[str, Any], with_strength: bool = False) -> str:
+    """Where batches come from: ``device`` (resident tensors), ``ffcv`` (.beton) or ``workers`` (DataLoader).
+
+    ``auto`` picks the fastest that fits: a dataset that fits in half the device's free memory lives
+    there whole (a .beton is decoded once for it); a .beton that does not is read by ffcv; anything
+    else goes through DataLoader workers.
+
+    Example:
+        >>> import torch
+        >>> from cycdata.loaders.datasets import TensorImageDataset
+        >>> data = TensorImageDataset(torch.zeros(8, 1, 4, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+        >>> choose_placement(data, "auto", None, {}), choose_placement(data, "auto", None, {"num_workers": 2})
+        ('device', 'workers')
+    """
+    from .device_loader import PLACEMENTS, fits_in_memory
+
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    beton = hasattr(dataset, "image_bytes") and hasattr(dataset, "decoded")
+    target = torch.device(device or "cpu")
+    custom = [key for key in ("collate_fn",) if dataloader_kwargs.get(key) is not None] + (
+        ["with_strength"] if with_strength else [])
+    if placement == "auto":
+        if beton:
+            return "device" if fits_in_memory(dataset.image_bytes, target) else "ffcv"
+        in_memory = _is_in_memory(dataset)
+        if in_memory and not custom and dataloader_kwargs.get("num_workers", 0) == 0 and (
+                target.type == "cpu" or fits_in_memory(dataset.images.numel(), target)):
+            return "device"
+        return "workers"
+    if placement == "ffcv" and not beton:
+        raise ValueError("placement='ffcv' reads .beton files; convert the dataset first (cycdata convert DATASET "
+                         "NAME.beton) and pass the path, or choose placement='device' or 'workers'")
+    if placement == "workers" and beton:
+        raise ValueError("a .beton is read with placement='ffcv' or 'device' (decoded once), not by DataLoader workers")
+    if placement != "workers" and custom:
+        raise ValueError(f"{' and '.join(custom)} apply to DataLoader workers; use placement='workers' with them")
+    return placement
+
+
 class AugmentedDataset(Dataset):
     """Items ``(image, *rest)`` of ``dataset`` with the image augmented at the strength sent with the index.
 
@@ -181,7 +223,11 @@ class CyclicalLoader:
             each is augmented in its worker at the strength sent with its index. In-memory datasets
             without workers are augmented as whole batches in the main process.
         augment_backend: ``torch`` | ``torchvision`` | ``albumentations`` kernels for the worker path.
-        with_strength: append the strength each item was augmented at (a diagnostic).
+        with_strength: append the strength each item was augmented at (a diagnostic, workers only).
+        placement: ``auto`` | ``device`` | ``workers`` | ``ffcv``: where batches come from (see
+            :func:`choose_placement`). ``dataset`` may also be the path of a ``.beton`` written by
+            ``cycdata convert`` (its train split), read through ffcv or decoded once onto the device.
+        device: where device-resident data lives and ffcv puts its batches (default: the CPU).
         **dataloader_kwargs: passed to ``torch.utils.data.DataLoader`` (num_workers, collate_fn,
             pin_memory, persistent_workers, ...). ``shuffle``/``sampler``/``batch_sampler`` are ours.
 
@@ -202,18 +248,23 @@ class CyclicalLoader:
         2 50 50
     """
 
-    def __init__(self, dataset: Dataset, *, epochs: int, batch_size: Any = 64, keep: Any = None,
+    def __init__(self, dataset: Dataset | str | os.PathLike[str], *, epochs: int, batch_size: Any = 64, keep: Any = None,
                  threshold: Any = None, weighting: str = "hard", per_class: bool = False,
                  labels: Tensor | None = None, labeled: Tensor | None = None, unlabeled_ratio: Any = None,
                  factor: float = 2.0, seed: int = 0, schedule_unit: str = "epoch", normalization: str = "reference",
                  refresh_fraction: float = 0.05, ledger_ema: float | None = None,
                  ledger_device: torch.device | str | None = None, rank: int | None = None,
                  world_size: int | None = None, drop_last: bool = False, ladder: Any = None, strength: Any = None,
-                 augment_backend: str = "torch", with_strength: bool = False, **dataloader_kwargs: Any) -> None:
+                 augment_backend: str = "torch", with_strength: bool = False, placement: str = "auto",
+                 device: torch.device | str | None = None, **dataloader_kwargs: Any) -> None:
         for reserved in ("shuffle", "sampler", "batch_sampler"):
             if dataloader_kwargs.get(reserved) not in (None, False):
                 raise ValueError(f"CyclicalLoader chooses the samples itself; drop the {reserved}= argument")
             dataloader_kwargs.pop(reserved, None)
+        if isinstance(dataset, (str, os.PathLike)):
+            from .ffcv_loader import BetonDataset
+
+            dataset = BetonDataset(dataset, "train")
         self.dataset = dataset
         self.clock = Clock(epochs, unit=schedule_unit, normalization=normalization)  # type: ignore[arg-type]
         size = len(dataset)  # type: ignore[arg-type]
@@ -243,20 +294,32 @@ class CyclicalLoader:
                 threshold=None if threshold is None else as_schedule(threshold, factor), weighting=weighting,
                 labels=torch.as_tensor(labels) if per_class and selecting else None, ledger=self.ledger,
                 refresh_fraction=refresh_fraction, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
-        fast = (_is_in_memory(dataset) and dataloader_kwargs.get("num_workers", 0) == 0
-                and dataloader_kwargs.get("collate_fn") is None and not with_strength)
         self._pin = bool(dataloader_kwargs.get("pin_memory", False))
         self.ladder, self.strength = _ladder_and_strength(ladder, strength, factor)
         self._seed = seed
-        source_dataset, source_sampler = dataset, self.batch_sampler
-        if self.ladder is not None and not fast:
-            from cycdata.augment_ladder.backends import LadderTransform
+        self.placement = choose_placement(dataset, placement, device, dataloader_kwargs, with_strength)
+        self._loader: DataLoader | None = None
+        self._source: Any = None
+        if self.placement == "device":
+            from .device_loader import DeviceSource
 
-            # The strength and a per-sample seed travel with each index (DESIGN rule 3): workers,
-            # persistent ones included, never hold a strength of their own.
-            source_dataset = AugmentedDataset(dataset, LadderTransform(self.ladder, augment_backend), with_strength)
-            source_sampler = _WithStrength(self.batch_sampler, self._strength_at, seed)
-        self._loader = None if fast else DataLoader(source_dataset, batch_sampler=source_sampler, **dataloader_kwargs)
+            self._source = DeviceSource(dataset, device or "cpu", pin_memory=self._pin)
+        elif self.placement == "ffcv":
+            from .ffcv_loader import FFCVSource
+
+            self._source = FFCVSource(dataset, num_workers=dataloader_kwargs.get("num_workers") or None,  # type: ignore[arg-type]
+                                      device=device)
+        else:
+            source_dataset, source_sampler = dataset, self.batch_sampler
+            if self.ladder is not None:
+                from cycdata.augment_ladder.backends import LadderTransform
+
+                # The strength and a per-sample seed travel with each index (DESIGN rule 3): workers,
+                # persistent ones included, never hold a strength of their own.
+                source_dataset = AugmentedDataset(dataset, LadderTransform(self.ladder, augment_backend),
+                                                  with_strength)
+                source_sampler = _WithStrength(self.batch_sampler, self._strength_at, seed)
+            self._loader = DataLoader(source_dataset, batch_sampler=source_sampler, **dataloader_kwargs)
         self.epoch = 0
         self.batch_indices: Tensor = torch.empty(0, dtype=torch.long)
         self.labeled_count = 0
@@ -297,17 +360,17 @@ class CyclicalLoader:
         self.set_epoch(self.epoch + 1)
 
     def _gather(self) -> Iterator[list[Tensor]]:
-        """In-memory datasets: index the tensors directly (what default_collate would build, faster);
-        a ladder augments the whole batch here, in the main process, with per-sample parameters."""
-        images, labels = self.dataset.images, self.dataset.labels  # type: ignore[attr-defined]
-        for number, batch in enumerate(self.batch_sampler):
-            indices = torch.as_tensor(batch, dtype=torch.long)
-            parts = [images.index_select(0, indices), labels.index_select(0, indices)]
+        """Device-resident and ffcv data: batches of tensors (what default_collate would build); a ladder
+        augments each whole batch where it lies, with per-sample parameters."""
+        # ffcv needs the epoch's whole order before it starts; the device path takes batches as they come.
+        batches = list(self.batch_sampler) if self.placement == "ffcv" else self.batch_sampler
+        for number, (images, labels, _) in enumerate(self._source.epoch(batches)):
             if self.ladder is not None:
-                generator = torch.Generator().manual_seed(self._seed * 1_000_003 + self.epoch * 10_007 + number)
-                pixels = self.ladder.apply(parts[0].float() / 255.0, self._strength_at(self.epoch), generator)
-                parts[0] = (pixels * 255.0).round_().clamp_(0, 255).to(torch.uint8)
-            yield [part.pin_memory() for part in parts] if self._pin else parts
+                generator = torch.Generator(images.device)
+                generator.manual_seed(self._seed * 1_000_003 + self.epoch * 10_007 + number)
+                pixels = self.ladder.apply(images.float() / 255.0, self._strength_at(self.epoch), generator)
+                images = (pixels * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+            yield [images, labels]
 
     def _strength_at(self, epoch: int) -> float:
         return 0.0 if self.strength is None else min(1.0, max(0.0, float(self.strength(self.clock.progress(epoch)))))

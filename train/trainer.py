@@ -41,6 +41,7 @@ from cycdata.augment_ladder.ladder import Ladder, LadderError, load_ladder
 from cycdata.augment_ladder.views import strong_view, weak_view
 from cycdata.config import ConfigError, RunConfig, config_to_dict, dump_config, parse_config, read_yaml
 from cycdata.loaders.datasets import DatasetSplits, load_dataset
+from cycdata.loaders.device_loader import fits_in_memory
 from cycdata.loaders.torch_loader import BatchLoader, CyclicalLoader
 from cycdata.plan import Plan
 from cycdata.samplers import ShuffledBatchSampler, epoch_generator
@@ -413,7 +414,9 @@ def train(
         rank=runtime.rank,
         world_size=runtime.world_size,
     )
-    test_loader = BatchLoader(data.test, test_sampler, num_workers=_workers(config, data.test), pin_memory=pin)
+    # A .beton test split is decoded once: evaluation reads every image every epoch anyway.
+    test_data = data.test.decoded() if hasattr(data.test, "decoded") else data.test
+    test_loader = BatchLoader(test_data, test_sampler, num_workers=_workers(config, test_data), pin_memory=pin)
     if resume_from is not None and resume_from.get("data_state"):
         train_loader.load_state_dict(resume_from["data_state"])
     context = EpochContext(
@@ -515,12 +518,20 @@ def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime)
         "normalization": config.normalization,
         "rank": runtime.rank,
         "world_size": runtime.world_size,
-        "num_workers": _workers(config, data.train),
         "pin_memory": runtime.device.type == "cuda",
         "ledger_device": runtime.device if runtime.device.type == "cuda" else None,
+        "device": runtime.device,
     }
-    if options["num_workers"] > 0:
-        options["persistent_workers"] = True
+    placement = config.data.placement
+    if placement == "auto" and hasattr(data.train, "images"):
+        placement = "device" if fits_in_memory(data.train.images.numel(), runtime.device) else "workers"
+    options["placement"] = placement
+    if placement == "ffcv":
+        options["num_workers"] = config.data.num_workers
+    elif placement in ("workers", "auto"):
+        options["num_workers"] = _workers(config, data.train) if placement == "auto" else config.data.num_workers
+        if options["num_workers"] > 0:
+            options["persistent_workers"] = True
     sp, ssl = config.self_paced, config.semi_supervised
     if sp is not None:
         options["ledger_ema"] = sp.ema
@@ -538,7 +549,10 @@ def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime)
         if labels is None:
             raise ConfigError("semi_supervised", f"needs a dataset with in-memory labels; {data.name} has none")
         options.update(labeled=labeled_subset(labels, ssl.labeled, data.num_classes), unlabeled_ratio=ssl.ratio)
-    return CyclicalLoader(data.train, **options)
+    try:
+        return CyclicalLoader(data.train, **options)
+    except ValueError as error:  # a placement that cannot serve this dataset
+        raise ConfigError("data.placement", str(error)) from None
 
 
 def _batch_level_threshold(config: RunConfig, plan: Plan, loader: CyclicalLoader, epoch: int) -> float | None:

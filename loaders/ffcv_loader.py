@@ -1,0 +1,527 @@
+"""FFCV files: write any dataset to ``.beton`` files and read them back with every cyclical knob.
+
+One conversion writes three files side by side, from the name it is given (``m.beton``):
+
+* ``m.train.beton`` and ``m.test.beton``: fields ``image`` (raw ``uint8 [C, H, W]`` arrays, or JPEG),
+  ``label`` and ``index`` (the sample's position, so per-sample losses map back to the loss ledger);
+* ``m.json``: what a model needs to know (classes, channels, size, mean/std) and each file's size,
+  so a truncated or replaced file is caught before ffcv reads it.
+
+Reading goes through :class:`FFCVSource`, which :class:`cycdata.loaders.CyclicalLoader` uses for
+``.beton`` data: the batch sampler (in the main process) decides each epoch's samples and batch
+size, exactly as on the torch path; ffcv decodes them. ffcv 1.0.2 cannot take a custom order through
+``order=`` and silently truncates a sample list that grows after the first epoch, so the source swaps
+in its own traversal order and updates the loader's first order each epoch (SETUP.md). ffcv compiles
+its pipeline once, with its operations' parameters frozen, so augmentation is never an ffcv operation
+here: the ladder runs on the decoded batches, and strength changes need no recompilation.
+
+ffcv is an optional extra, imported only when a ``.beton`` is written or read.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> info = convert("synthetic:40", folder / "s.beton", progress=False)
+    >>> info.splits["train"]["samples"], info.splits["test"]["samples"]
+    (40, 10)
+    >>> data = BetonDataset(folder / "s.beton", "train")
+    >>> image, label = data[3]
+    >>> image.shape, image.dtype
+    (torch.Size([3, 32, 32]), torch.uint8)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .datasets import DatasetError, DatasetSplits, TensorImageDataset, load_dataset
+
+__all__ = [
+    "FFCV_MISSING",
+    "BetonDataset",
+    "BetonError",
+    "BetonInfo",
+    "FFCVSource",
+    "beton_paths",
+    "check_beton",
+    "convert",
+    "load_beton",
+    "require_ffcv",
+]
+
+FFCV_MISSING = (
+    "reading or writing .beton files needs ffcv: install the apt packages libopencv-dev libturbojpeg0-dev "
+    "pkg-config, then pip install numba && pip install --no-deps ffcv==1.0.2 (or pip install 'cycdata[ffcv]')"
+)
+FORMAT_VERSION = 1
+SPLITS = ("train", "test")
+FIELDS = ("image", "label", "index")
+_DECODE_BATCH = 512
+_PAGE_SIZE = 1 << 21  # ffcv's smallest page (its default is 4x): less padding in small files
+
+# ffcv 1.0.2's on-disk layout (ffcv/types.py), mirrored here so a bad file is checked with numpy alone,
+# before any ffcv code (whose reader trusts the header) touches it.
+_FFCV_FILE_VERSION = 2
+_HEADER = np.dtype(
+    [("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"),
+     ("alloc_table_ptr", "<u8")], align=True)
+_FIELD_DESC = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True)
+_ALLOC_ENTRY = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+_INT_FIELD, _RGB_FIELD, _NDARRAY_FIELD = 1, 2, 4
+
+
+class BetonError(DatasetError):
+    """A ``.beton`` file (or its ``.json``) is missing, foreign, truncated or does not match.
+
+    Example:
+        >>> try:
+        ...     beton_paths("data.csv")
+        ... except BetonError as error:
+        ...     print(error)
+        beton path must end in .beton, got 'data.csv'; name the files as in: cycdata convert mnist5k m.beton
+    """
+
+
+def require_ffcv() -> Any:
+    """Import ffcv, or fail with the one line that says what to install."""
+    try:
+        import ffcv
+    except ImportError as error:
+        raise ImportError(FFCV_MISSING) from error
+    return ffcv
+
+
+# --------------------------------------------------------------------------------------------
+# Files and their description
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BetonInfo:
+    """The ``.json`` beside a converted dataset: enough to build a model and to check the files."""
+
+    name: str
+    num_classes: int
+    in_chans: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    encoding: str  # "raw" or "jpeg"
+    jpeg_quality: int | None
+    splits: dict[str, dict[str, int]]  # split -> {"samples": N, "bytes": file size}
+    source: str = ""
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def read(cls, path: Path) -> BetonInfo:
+        try:
+            raw = json.loads(path.read_text())
+            raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+            info = cls(**raw)
+        except FileNotFoundError:
+            raise BetonError(f"{path} is missing; it describes the .beton files beside it. Write all three with: "
+                             f"cycdata convert DATASET {path.with_suffix('.beton')}") from None
+        except (ValueError, TypeError, KeyError) as error:
+            raise BetonError(f"{path} is not a cycdata beton description ({error}); "
+                             "rewrite it with cycdata convert") from None
+        if info.format != FORMAT_VERSION:
+            raise BetonError(f"{path} has format {info.format}, this cycdata reads {FORMAT_VERSION}; "
+                             "rewrite it with cycdata convert")
+        return info
+
+
+def beton_paths(path: str | os.PathLike[str]) -> dict[str, Path]:
+    """The files of a converted dataset: ``{"train": .., "test": .., "info": ..}`` from ``NAME.beton``.
+
+    Example:
+        >>> {key: str(value) for key, value in beton_paths("data/m.beton").items()}
+        {'train': 'data/m.train.beton', 'test': 'data/m.test.beton', 'info': 'data/m.json'}
+    """
+    path = Path(path)
+    if path.suffix != ".beton":
+        raise BetonError(f"beton path must end in .beton, got {str(path)!r}; "
+                         "name the files as in: cycdata convert mnist5k m.beton")
+    stem = path.with_suffix("")
+    if stem.suffix in (".train", ".test"):  # the user named one split's file: use the pair
+        stem = stem.with_suffix("")
+    return {"train": stem.with_suffix(".train.beton"), "test": stem.with_suffix(".test.beton"),
+            "info": stem.with_suffix(".json")}
+
+
+def check_beton(path: str | os.PathLike[str], expected_samples: int | None = None,
+                expected_bytes: int | None = None) -> dict[str, Any]:
+    """Check an ffcv file's structure with numpy alone; returns its fields by name.
+
+    ffcv's reader trusts the header: a truncated file or one that is not a .beton can crash the
+    process in compiled code. Everything it will dereference is checked here first.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> bad = pathlib.Path(tempfile.mkdtemp()) / "x.train.beton"
+        >>> _ = bad.write_bytes(b"not ffcv at all" * 10)
+        >>> try:
+        ...     check_beton(bad)
+        ... except BetonError as error:
+        ...     print(str(error).split(" is ")[1].split(";")[0])
+        not an ffcv 1.0 file (header version 28526, expected 2)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BetonError(f"{path} does not exist; write it with cycdata convert")
+    size = path.stat().st_size
+    fix = "rewrite it with cycdata convert"
+    if expected_bytes is not None and size != expected_bytes:
+        raise BetonError(f"{path} has {size} bytes, its .json says {expected_bytes}: the file is truncated or was "
+                         f"replaced; {fix}")
+    if size < _HEADER.itemsize:
+        raise BetonError(f"{path} is too short to be an ffcv file ({size} bytes); {fix}")
+    header = np.fromfile(path, dtype=_HEADER, count=1)[0]
+    if int(header["version"]) != _FFCV_FILE_VERSION:
+        raise BetonError(f"{path} is not an ffcv 1.0 file (header version {int(header['version'])}, expected "
+                         f"{_FFCV_FILE_VERSION}); {fix}")
+    num_fields, num_samples = int(header["num_fields"]), int(header["num_samples"])
+    descriptors_end = _HEADER.itemsize + num_fields * _FIELD_DESC.itemsize
+    if not 0 < num_fields <= 64 or descriptors_end > size:
+        raise BetonError(f"{path} has a damaged header ({num_fields} fields in {size} bytes); {fix}")
+    descriptors = np.fromfile(path, dtype=_FIELD_DESC, count=num_fields, offset=_HEADER.itemsize)
+    names = [bytes(d["name"]).rstrip(b"\0").decode("ascii", "replace") for d in descriptors]
+    fields = dict(zip(names, (int(d["type_id"]) for d in descriptors)))
+    missing = [name for name in FIELDS if name not in fields]
+    if missing:
+        raise BetonError(f"{path} has fields {names}, not {list(FIELDS)} (missing {missing}): it was not written by "
+                         f"cycdata convert, which adds the 'index' field that maps losses back to samples; {fix}")
+    if fields["image"] not in (_RGB_FIELD, _NDARRAY_FIELD) or fields["label"] != _INT_FIELD or \
+            fields["index"] != _INT_FIELD:
+        raise BetonError(f"{path}: unexpected field types {fields}; {fix}")
+    if expected_samples is not None and num_samples != expected_samples:
+        raise BetonError(f"{path} holds {num_samples} samples, its .json says {expected_samples}; {fix}")
+    metadata_type = _metadata_type(list(fields.values()))
+    data_start = descriptors_end + num_samples * metadata_type.itemsize
+    table = int(header["alloc_table_ptr"])
+    if not data_start <= table <= size or (size - table) % _ALLOC_ENTRY.itemsize:
+        raise BetonError(f"{path} is truncated or damaged (allocation table at {table}, file size {size}); {fix}")
+    metadata = np.fromfile(path, dtype=metadata_type, count=num_samples, offset=descriptors_end)
+    image_column = metadata[f"f{names.index('image')}"]
+    pointers = image_column["data_ptr"] if fields["image"] == _RGB_FIELD else image_column
+    if num_samples and (int(pointers.min()) < data_start or int(pointers.max()) >= table):
+        raise BetonError(f"{path} is damaged: image data points outside the file's data region; {fix}")
+    index_column = metadata[f"f{names.index('index')}"]
+    if num_samples and not np.array_equal(np.sort(index_column), np.arange(num_samples)):
+        raise BetonError(f"{path}: its 'index' field is not a permutation of 0..{num_samples - 1}; {fix}")
+    return {"samples": num_samples, "bytes": size, "fields": fields, "labels": metadata[f"f{names.index('label')}"],
+            "indices": index_column}
+
+
+def _metadata_type(type_ids: Sequence[int]) -> np.dtype:
+    parts = {_INT_FIELD: np.dtype("<i8"), _NDARRAY_FIELD: np.dtype("<u8"),
+             _RGB_FIELD: np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])}
+    return np.dtype([("", parts[type_id]) for type_id in type_ids], align=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+class _WritableSplit:
+    """Items ``(image array, label, index)`` as ffcv's writer wants them (HWC RGB for JPEG)."""
+
+    def __init__(self, dataset: Dataset, image_size: int, jpeg: bool) -> None:
+        self.dataset, self.image_size, self.jpeg = dataset, image_size, jpeg
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
+        image, label = self.dataset[index][:2]
+        if image.shape[-1] != self.image_size:
+            image = F.interpolate(image[None].float(), size=(self.image_size, self.image_size), mode="bilinear",
+                                  antialias=True, align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+        if self.jpeg:
+            pixels = image.permute(1, 2, 0)
+            if pixels.shape[-1] == 1:
+                pixels = pixels.expand(-1, -1, 3)
+            return np.ascontiguousarray(pixels.numpy()), int(label), index
+        return np.ascontiguousarray(image.numpy()), int(label), index
+
+
+def convert(dataset: str | DatasetSplits, out: str | os.PathLike[str], *, jpeg_quality: int | None = None,
+            max_resolution: int | None = None, overwrite: bool = False, progress: bool = True,
+            num_workers: int | None = None) -> BetonInfo:
+    """Write a dataset's train and test splits to ``.beton`` files beside ``out`` (see the module docstring).
+
+    Args:
+        dataset: a spec :func:`cycdata.loaders.load_dataset` understands, or loaded splits.
+        out: ``NAME.beton``; ``NAME.train.beton``, ``NAME.test.beton`` and ``NAME.json`` are written.
+        jpeg_quality: store JPEG at this quality (1..100) instead of raw pixels (smaller, slower to read;
+            1-channel images are stored as gray RGB and read back as 1 channel).
+        max_resolution: shrink images whose side is larger than this (bilinear, antialiased).
+        overwrite: replace existing files (otherwise existing files are an error, and nothing is written).
+        progress: show ffcv's progress bar.
+        num_workers: writer processes (default: the CPU count, at most 8).
+
+    Returns:
+        The description written to ``NAME.json``.
+    """
+    ffcv = require_ffcv()
+    from ffcv.fields import IntField, NDArrayField, RGBImageField
+
+    if jpeg_quality is not None and (isinstance(jpeg_quality, bool) or not 1 <= int(jpeg_quality) <= 100):
+        raise BetonError(f"--jpeg quality must be an integer in 1..100, got {jpeg_quality!r}")
+    if max_resolution is not None and int(max_resolution) < 1:
+        raise BetonError(f"--max-resolution must be a positive integer, got {max_resolution!r}")
+    paths = beton_paths(out)
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise BetonError(f"{', '.join(existing)} already exist; choose another name or pass --overwrite")
+    splits = load_dataset(dataset) if isinstance(dataset, str) else dataset
+    size = splits.image_size if max_resolution is None else min(splits.image_size, int(max_resolution))
+    jpeg = jpeg_quality is not None
+    image_field = (RGBImageField(write_mode="jpg", jpeg_quality=int(jpeg_quality)) if jpeg
+                   else NDArrayField(np.dtype("uint8"), (splits.in_chans, size, size)))
+    # Each writer process fills pages of its own: few processes and small pages keep small datasets small.
+    workers = num_workers or max(1, min(8, os.cpu_count() or 1, len(splits.train) // 2000))
+    paths["info"].parent.mkdir(parents=True, exist_ok=True)
+    written: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        part = getattr(splits, split)
+        temporary = paths[split].with_name(paths[split].name + ".partial")
+        writer = ffcv.writer.DatasetWriter(str(temporary), {"image": image_field, "label": IntField(),
+                                                            "index": IntField()}, num_workers=workers,
+                                           page_size=_PAGE_SIZE)
+        if progress:
+            print(f"writing {split}: {len(part)} images -> {paths[split]}", flush=True)
+        _write_quietly(writer, _WritableSplit(part, size, jpeg), progress)
+        os.replace(temporary, paths[split])  # atomic: a killed conversion leaves no half-written .beton
+        written[split] = {"samples": len(part), "bytes": paths[split].stat().st_size}
+    info = BetonInfo(name=splits.name, num_classes=splits.num_classes, in_chans=splits.in_chans, image_size=size,
+                     mean=tuple(splits.mean), std=tuple(splits.std), encoding="jpeg" if jpeg else "raw",
+                     jpeg_quality=int(jpeg_quality) if jpeg else None, splits=written,
+                     source=dataset if isinstance(dataset, str) else splits.name)
+    paths["info"].write_text(info.to_json())
+    return info
+
+
+def _write_quietly(writer: Any, dataset: _WritableSplit, progress: bool) -> None:
+    if progress:
+        writer.from_indexed_dataset(dataset, chunksize=256)
+        return
+    import ffcv.writer as writer_module
+
+    original = writer_module.tqdm
+    writer_module.tqdm = lambda *args, **kwargs: original(*args, **{**kwargs, "disable": True})
+    try:
+        writer.from_indexed_dataset(dataset, chunksize=256)
+    finally:
+        writer_module.tqdm = original
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def _image_pipeline(info: BetonInfo, device: torch.device | None) -> list[Any]:
+    from ffcv.fields.decoders import NDArrayDecoder, SimpleRGBImageDecoder
+    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+
+    if info.encoding == "jpeg":
+        pipeline = [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage(channels_last=False)]
+    else:
+        pipeline = [NDArrayDecoder(), ToTensor()]
+    if device is not None and device.type != "cpu":
+        pipeline.append(ToDevice(device, non_blocking=True))
+    return pipeline
+
+
+def _int_pipeline(device: torch.device | None) -> list[Any]:
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.transforms import ToDevice, ToTensor
+
+    pipeline = [IntDecoder(), ToTensor()]
+    if device is not None and device.type != "cpu":
+        pipeline.append(ToDevice(device, non_blocking=True))
+    return pipeline
+
+
+class BetonDataset(Dataset[tuple[Tensor, int]]):
+    """One split of a converted dataset: checked when opened, labels read without decoding images.
+
+    Items are ``(uint8 [C, H, W] image, int label)`` like every other cycdata dataset; random access
+    decodes the whole split once (ffcv reads files in batches). :class:`cycdata.loaders.CyclicalLoader`
+    reads it through ffcv directly.
+
+    Args:
+        path: ``NAME.beton`` (or one of its split files).
+        split: ``train`` or ``test``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], split: str = "train") -> None:
+        require_ffcv()
+        if split not in SPLITS:
+            raise BetonError(f"split must be one of {SPLITS}, got {split!r}")
+        self.paths = beton_paths(path)
+        self.split = split
+        self.file = self.paths[split]
+        self.info = BetonInfo.read(self.paths["info"])
+        expected = self.info.splits.get(split, {})
+        checked = check_beton(self.file, expected.get("samples"), expected.get("bytes"))
+        # Labels in sample order, from the file's metadata table (no image is decoded for them).
+        labels = np.empty(checked["samples"], dtype=np.int64)
+        labels[checked["indices"]] = checked["labels"]
+        self.labels = torch.from_numpy(labels)
+        self._decoded: TensorImageDataset | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.decoded()[index]
+
+    @property
+    def image_bytes(self) -> int:
+        """Bytes of the decoded split as a uint8 tensor."""
+        return len(self) * self.info.in_chans * self.info.image_size**2
+
+    def decoded(self) -> TensorImageDataset:
+        """The whole split decoded once into memory, in sample order."""
+        if self._decoded is None:
+            images = torch.empty(len(self), self.info.in_chans, self.info.image_size, self.info.image_size,
+                                 dtype=torch.uint8)
+            loader = open_ffcv_loader(self, batch_size=_DECODE_BATCH, order=np.arange(len(self)), num_workers=None)
+            for batch_images, _, batch_indices in _read_epoch(loader, self.info):
+                images[batch_indices] = batch_images
+            self._decoded = TensorImageDataset(images, self.labels.clone())
+        return self._decoded
+
+
+def load_beton(path: str | os.PathLike[str]) -> DatasetSplits:
+    """``beton:PATH`` for :func:`cycdata.loaders.load_dataset`: both splits of a converted dataset."""
+    require_ffcv()
+    train, test = BetonDataset(path, "train"), BetonDataset(path, "test")
+    info = train.info
+    return DatasetSplits(name=info.name, train=train, test=test, num_classes=info.num_classes,
+                         in_chans=info.in_chans, image_size=info.image_size, mean=info.mean, std=info.std)
+
+
+class _OurOrder:
+    """An ffcv traversal order that returns whatever the batch sampler chose for the epoch."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.current = np.zeros(0, dtype=np.uint64)
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.current
+
+
+def open_ffcv_loader(dataset: BetonDataset, *, batch_size: int, order: np.ndarray, num_workers: int | None,
+                     device: torch.device | None = None) -> Any:
+    """An ffcv ``Loader`` over ``dataset`` whose order and batch size we set before each epoch."""
+    require_ffcv()
+    from ffcv.loader import Loader, OrderOption
+
+    threads = torch.get_num_threads()
+    loader = Loader(str(dataset.file), batch_size=batch_size, num_workers=num_workers or min(8, os.cpu_count() or 1),
+                    os_cache=True, order=OrderOption.SEQUENTIAL, drop_last=False, seed=0,
+                    pipelines={"image": _image_pipeline(dataset.info, device), "label": _int_pipeline(device),
+                               "index": _int_pipeline(device)})
+    torch.set_num_threads(threads)  # ffcv sets torch's thread count to its own; training keeps ours
+    # ffcv 1.0.2 rejects a custom order passed as order= (SETUP.md): swap ours in after construction.
+    loader.traversal_order = _OurOrder(loader)
+    _set_epoch_order(loader, order, batch_size)
+    return loader
+
+
+def _set_epoch_order(loader: Any, order: np.ndarray, batch_size: int) -> None:
+    loader.traversal_order.current = order
+    # len(loader) and the per-epoch cut use first_traversal_order: without this a list longer than
+    # the first epoch's would be silently truncated.
+    loader.first_traversal_order = order
+    loader.batch_size = batch_size
+
+
+def _read_epoch(loader: Any, info: BetonInfo) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Decoded batches ``(images, labels, indices)``, cloned (ffcv reuses its output buffers)."""
+    threads = torch.get_num_threads()
+    iterator = iter(loader)
+    torch.set_num_threads(threads)
+    for images, labels, indices in iterator:
+        if info.encoding == "jpeg" and info.in_chans == 1:
+            images = images[:, :1]
+        yield images.clone(), labels.reshape(-1).long(), indices.reshape(-1).long()
+
+
+class FFCVSource:
+    """Reads the batches a batch sampler chose, through ffcv, one epoch at a time.
+
+    The epoch's batches are laid end to end as ffcv's traversal order, decoded in chunks of the
+    epoch's batch size, and cut back into the sampler's batches (which may differ in size, as in
+    semi-supervised mode). The ``index`` field comes back with every sample; a mismatch with the
+    sampler's choice would mean a broken order and raises.
+
+    Args:
+        dataset: the split to read.
+        num_workers: ffcv's decoding threads (default: the CPU count, at most 8).
+        device: where ffcv puts the batches (``ToDevice``); CPU by default.
+    """
+
+    def __init__(self, dataset: BetonDataset, *, num_workers: int | None = None,
+                 device: torch.device | str | None = None) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.device = None if device is None else torch.device(device)
+        self._loader: Any = None
+
+    def epoch(self, batches: Sequence[Sequence[int]]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Yield ``(images, labels, indices)`` for ``batches``, in order."""
+        if not batches:
+            return
+        lengths = [len(batch) for batch in batches]
+        chunk = max(set(lengths), key=lengths.count)  # the epoch's batch size
+        order = np.fromiter((index for batch in batches for index in batch), dtype=np.uint64, count=sum(lengths))
+        if self._loader is None:
+            self._loader = open_ffcv_loader(self.dataset, batch_size=chunk, order=order, num_workers=self.num_workers,
+                                            device=self.device)
+        else:
+            _set_epoch_order(self._loader, order, chunk)
+        pieces: list[tuple[Tensor, Tensor, Tensor]] = []
+        pending = 0
+        decoded = _read_epoch(self._loader, self.dataset.info)
+        for length, wanted in zip(lengths, batches):
+            while pending < length:
+                piece = next(decoded)
+                pieces.append(piece)
+                pending += len(piece[2])
+            batch, pieces, pending = _cut(pieces, length, pending)
+            if not torch.equal(batch[2].cpu(), torch.as_tensor(wanted, dtype=torch.long)):
+                raise RuntimeError("ffcv returned samples in a different order than the batch sampler chose; "
+                                   "this ffcv version's traversal-order internals differ from 1.0.2's")
+            yield batch
+        for _ in decoded:  # let ffcv's epoch thread finish cleanly
+            pass
+
+
+def _cut(pieces: list[tuple[Tensor, Tensor, Tensor]], length: int,
+         pending: int) -> tuple[tuple[Tensor, Tensor, Tensor], list[tuple[Tensor, Tensor, Tensor]], int]:
+    """The first ``length`` samples of the decoded pieces, and what is left over."""
+    if len(pieces) == 1 and len(pieces[0][2]) == length:  # the common case: one ffcv batch is one of ours
+        return pieces[0], [], 0
+    joined = tuple(torch.cat([piece[k] for piece in pieces]) for k in range(3))
+    head = tuple(part[:length] for part in joined)
+    rest = tuple(part[length:] for part in joined)
+    return head, ([rest] if len(rest[2]) else []), pending - length  # type: ignore[return-value]
