@@ -267,8 +267,12 @@ class CyclicalBatchSampler:
         return self.plan(self.epoch).num_batches(self.drop_last)
 
     def __iter__(self) -> Iterator[list[int]]:
+        return self.batches(as_tensors=False)  # type: ignore[return-value]
+
+    def batches(self, as_tensors: bool = True) -> Iterator[list[int] | torch.Tensor]:
+        """The epoch's batches; as int64 tensors (for loaders that index tensors) or lists (DataLoader)."""
         plan = self.plan(self.epoch)
-        order = plan.order.tolist()
+        order = plan.order if as_tensors else plan.order.tolist()
         skip, self._skip = self._skip, 0
         self.yielded.clear()
         for number in range(skip, plan.num_batches(self.drop_last)):
@@ -383,6 +387,10 @@ class SemiSupervisedBatchSampler:
         return len(self) * self.batch_size_at(self.epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
+        return self.batches(as_tensors=False)  # type: ignore[return-value]
+
+    def batches(self, as_tensors: bool = True) -> Iterator[list[int] | torch.Tensor]:
+        """The epoch's batches (labeled part first); as int64 tensors or lists (DataLoader)."""
         batch_size, steps = self.batch_size_at(self.epoch), len(self)
         skip, self._skip = self._skip, 0
         self.epoch_start_state = self.state_dict()  # what a mid-epoch resume replays from
@@ -393,7 +401,8 @@ class SemiSupervisedBatchSampler:
             unlabeled = self.unlabeled.take(round(self.ratio_at(self.epoch, step / steps) * batch_size))
             if step < skip:  # replaying the batches consumed before the resume, to restore the streams
                 continue
-            batch = torch.cat([labeled, unlabeled]).tolist()
+            batch = torch.cat([labeled, unlabeled])
+            batch = batch if as_tensors else batch.tolist()
             self.yielded.append(batch)
             self.labeled_counts.append(len(labeled))
             yield batch

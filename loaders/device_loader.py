@@ -81,7 +81,8 @@ def _stack_items(dataset: Dataset) -> tuple[Tensor, Tensor]:
         image, label = dataset[index][:2]
         if image.shape != first.shape:
             raise TypeError(f"the device-resident path needs images of one size: item {index} is "
-                            f"{tuple(image.shape)}, item 0 {tuple(first.shape)}; resize them or use placement='workers'")
+                            f"{tuple(image.shape)}, item 0 {tuple(first.shape)}; "
+                            "resize them or use placement='workers'")
         images[index], labels[index] = image, int(label)
     return images, labels
 

@@ -52,6 +52,7 @@ __all__ = [
     "BetonDataset",
     "BetonError",
     "BetonInfo",
+    "FFCVMissingError",
     "FFCVSource",
     "beton_paths",
     "check_beton",
@@ -93,12 +94,17 @@ class BetonError(DatasetError):
     """
 
 
+class FFCVMissingError(ImportError):
+    """ffcv is not installed; the message says what to install."""
+
+
 def require_ffcv() -> Any:
     """Import ffcv, or fail with the one line that says what to install."""
     try:
         import ffcv
+        import ffcv.writer
     except ImportError as error:
-        raise ImportError(FFCV_MISSING) from error
+        raise FFCVMissingError(f"{FFCV_MISSING} ({error})") from error
     return ffcv
 
 
@@ -487,13 +493,13 @@ class FFCVSource:
         self.device = None if device is None else torch.device(device)
         self._loader: Any = None
 
-    def epoch(self, batches: Sequence[Sequence[int]]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """Yield ``(images, labels, indices)`` for ``batches``, in order."""
+    def epoch(self, batches: Sequence[Sequence[int] | Tensor]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Yield ``(images, labels, indices)`` for ``batches`` (lists or int64 tensors of indices), in order."""
         if not batches:
             return
         lengths = [len(batch) for batch in batches]
         chunk = max(set(lengths), key=lengths.count)  # the epoch's batch size
-        order = np.fromiter((index for batch in batches for index in batch), dtype=np.uint64, count=sum(lengths))
+        order = torch.cat([torch.as_tensor(batch, dtype=torch.long) for batch in batches]).numpy().astype(np.uint64)
         if self._loader is None:
             self._loader = open_ffcv_loader(self.dataset, batch_size=chunk, order=order, num_workers=self.num_workers,
                                             device=self.device)
@@ -508,7 +514,7 @@ class FFCVSource:
                 pieces.append(piece)
                 pending += len(piece[2])
             batch, pieces, pending = _cut(pieces, length, pending)
-            if not torch.equal(batch[2].cpu(), torch.as_tensor(wanted, dtype=torch.long)):
+            if not torch.equal(batch[2].cpu(), torch.as_tensor(wanted, dtype=torch.long).cpu()):
                 raise RuntimeError("ffcv returned samples in a different order than the batch sampler chose; "
                                    "this ffcv version's traversal-order internals differ from 1.0.2's")
             yield batch

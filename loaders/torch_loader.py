@@ -248,8 +248,8 @@ class CyclicalLoader:
         2 50 50
     """
 
-    def __init__(self, dataset: Dataset | str | os.PathLike[str], *, epochs: int, batch_size: Any = 64, keep: Any = None,
-                 threshold: Any = None, weighting: str = "hard", per_class: bool = False,
+    def __init__(self, dataset: Dataset | str | os.PathLike[str], *, epochs: int, batch_size: Any = 64,
+                 keep: Any = None, threshold: Any = None, weighting: str = "hard", per_class: bool = False,
                  labels: Tensor | None = None, labeled: Tensor | None = None, unlabeled_ratio: Any = None,
                  factor: float = 2.0, seed: int = 0, schedule_unit: str = "epoch", normalization: str = "reference",
                  refresh_fraction: float = 0.05, ledger_ema: float | None = None,
@@ -363,7 +363,9 @@ class CyclicalLoader:
         """Device-resident and ffcv data: batches of tensors (what default_collate would build); a ladder
         augments each whole batch where it lies, with per-sample parameters."""
         # ffcv needs the epoch's whole order before it starts; the device path takes batches as they come.
-        batches = list(self.batch_sampler) if self.placement == "ffcv" else self.batch_sampler
+        batches = self.batch_sampler.batches(as_tensors=True)
+        if self.placement == "ffcv":
+            batches = list(batches)
         for number, (images, labels, _) in enumerate(self._source.epoch(batches)):
             if self.ladder is not None:
                 generator = torch.Generator(images.device)

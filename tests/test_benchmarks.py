@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIGURES = {
     "hooks_overhead.py": ["overhead_ratio"],
     "loader_throughput.py": ["workers", "ratio"],
+    "loaders.py": ["ratios", "min on / off"],
     "augment_throughput.py": ["batched", "none"],
     "selection.py": ["seconds", "select keep=0.5 hard"],
 }
@@ -25,6 +26,7 @@ FIGURES = {
 SMALL_RUNS = {
     "hooks_overhead.py": ["--model", "test_resnet", "--samples", "256", "--repeats", "1"],
     "loader_throughput.py": ["--samples", "1024", "--workers", "0", "--epochs", "2"],
+    "loaders.py": ["--samples", "1000", "--datasets", "raw", "--min-samples", "1000", "--workers", "0"],
     "augment_throughput.py": ["--samples", "256", "--workers", "0"],
     "selection.py": ["--size", "10000", "--repeats", "1"],
 }

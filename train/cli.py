@@ -1,4 +1,4 @@
-"""The ``cycdata`` command: ``plan``, ``train`` and ``ladder`` (``measure``, ``show``).
+"""The ``cycdata`` command: ``plan``, ``train``, ``convert`` and ``ladder`` (``measure``, ``show``).
 
 Every invalid input exits with status 2 and one line on stderr naming the problem and the fix.
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from cycdata.augment_ladder.ladder import LadderError
 from cycdata.config import ConfigError, RunConfig, load_config
 from cycdata.loaders.datasets import DatasetError
+from cycdata.loaders.ffcv_loader import FFCVMissingError
 from cycdata.plan import Plan
 from cycdata.train.checkpoint import CheckpointError
 
@@ -165,6 +166,21 @@ def _command_ladder_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_convert(args: argparse.Namespace) -> int:
+    from cycdata.loaders.ffcv_loader import beton_paths, convert
+
+    started = time.perf_counter()
+    info = convert(args.dataset, args.out, jpeg_quality=args.jpeg, max_resolution=args.max_resolution,
+                   overwrite=args.overwrite, progress=not args.quiet, num_workers=args.workers)
+    paths = beton_paths(args.out)
+    for split, stats in info.splits.items():
+        print(f"{paths[split]}: {stats['samples']} images, {stats['bytes'] / 2**20:.1f} MiB")
+    print(f"{paths['info']}: {info.num_classes} classes, {info.in_chans}x{info.image_size}x{info.image_size}, "
+          f"{info.encoding}; {time.perf_counter() - started:.1f}s. Train on it with: "
+          f"cycdata train data.dataset=beton:{args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cycdata", description="General cyclical training: start easy, train hard, finish easy.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -191,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="DIR", help="run folder (default: runs/DATASET-MODEL-TIME)")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     run.set_defaults(handler=_command_train)
+
+    convert = commands.add_parser(
+        "convert", help="write a dataset's train and test splits to FFCV .beton files (with an index field)")
+    convert.add_argument("dataset", metavar="DATASET", help="dataset spec: mnist5k, digits, synthetic:N, cifar10:PATH, "
+                         "folder:PATH, ...")
+    convert.add_argument("out", metavar="OUT.beton", help="writes OUT.train.beton, OUT.test.beton and OUT.json")
+    convert.add_argument("--jpeg", type=int, metavar="QUALITY", help="store JPEG at this quality (default: raw pixels)")
+    convert.add_argument("--max-resolution", type=int, metavar="R", help="shrink images larger than R pixels a side")
+    convert.add_argument("--overwrite", action="store_true", help="replace existing files")
+    convert.add_argument("--workers", type=int, help="writer processes (default: by dataset size and CPUs)")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.set_defaults(handler=_command_convert)
 
     ladder = commands.add_parser("ladder", help="measure an augmentation ladder's rungs, or show them on images")
     ladder_commands = ladder.add_subparsers(dest="ladder_command", required=True, parser_class=_Parser)
@@ -226,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"cycdata {args.command}: invalid config: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (DatasetError, CheckpointError, LadderError) as error:
+    except (DatasetError, CheckpointError, LadderError, FFCVMissingError) as error:
         print(f"cycdata {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
