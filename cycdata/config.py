@@ -377,6 +377,22 @@ class SemiSupervisedConfig:
 
 
 @dataclass(frozen=True)
+class CycleConfig:
+    start: float = key(number(ge=0, lt=1), 0.0, "where in the easy→hard→easy cycle this run starts (0..1)")
+    end: float = key(number(gt=0, le=1), 1.0, "where it ends: 0→0.5 pre-trains easy→hard, 0.5→1 fine-tunes hard→easy")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str = key(text, "", "a cycdata checkpoint (last.pt, best.pt or its run folder), or MODEL:WEIGHTS "
+                       "(a timm model name and a weights file on disk)")
+    weight: Schedule = key(knob(ge=0, le=1), Constant(0.5),
+                           "share of the distillation term: (1 − w)·label loss + w·T²·KL(teacher ‖ student)")
+    temperature: Schedule = key(knob(gt=0), Cyclical(1.0, 4.0),
+                                "distillation temperature T: easy = low (sharp teacher), hard = high (soft)")
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     device: str = key(text, "auto", "auto, cpu, cuda, cuda:N")
     amp: bool = key(boolean, True, "bf16 autocast on GPU")
@@ -392,6 +408,8 @@ class RunConfig:
     cyclical_factor: float = key(number(ge=1), 2.0, "shared cyclical factor (1 = ramp, 2 = easy-hard-easy)")
     seed: int = key(number(ge=0, integer=True), 0, "random seed")
     model: str = key(text, "resnet10t", "any timm model name")
+    init: str | None = key(optional(text), None, "initial weights: a checkpoint, run folder or weights file "
+                           "(weights only; a head of another size is re-initialised)")
     schedule_unit: str = key(choice("epoch", "step"), "epoch", "knobs change per epoch (reference) or per step")
     normalization: str = key(choice("reference", "paper"), "reference", "t = e/(E-1) (reference) or e/E (paper)")
     data: DataConfig = section(DataConfig)
@@ -404,6 +422,8 @@ class RunConfig:
     augment: AugmentConfig = section(AugmentConfig)
     self_paced: SelfPacedConfig | None = section(SelfPacedConfig, default_on=False)
     semi_supervised: SemiSupervisedConfig | None = section(SemiSupervisedConfig, default_on=False)
+    cycle: CycleConfig = section(CycleConfig)
+    distill: DistillConfig | None = section(DistillConfig, default_on=False)
     runtime: RuntimeConfig = section(RuntimeConfig)
 
 
@@ -439,6 +459,11 @@ def _parse_section(cls: type, raw: Any, prefix: str, ctx: Mapping[str, Any]) -> 
 
 def _check_consistency(config: RunConfig) -> None:
     """Rules that involve more than one key."""
+    if config.cycle.start >= config.cycle.end:
+        raise ConfigError("cycle", f"start ({config.cycle.start}) must be below end ({config.cycle.end}); "
+                          "e.g. {start: 0.0, end: 0.5} to pre-train, {start: 0.5, end: 1.0} to fine-tune")
+    if config.distill is not None and not config.distill.teacher:
+        raise ConfigError("distill.teacher", "is required: a checkpoint file or run folder, or MODEL:WEIGHTS")
     sp = config.self_paced
     if sp is not None and (sp.keep is None) == (sp.threshold is None):
         raise ConfigError(

@@ -221,7 +221,7 @@ class LossLedger:
         """The device the ledger lives on."""
         return self.losses.device
 
-    def record(self, indices: Tensor, losses: Tensor) -> None:
+    def record(self, indices: Tensor, losses: Tensor, *, copy_indices: bool = True) -> None:
         """Queue one batch's per-sample losses; no host synchronisation (safe to call every step).
 
         The losses are detached, cast to float32 and copied (later in-place edits of the caller's
@@ -230,6 +230,8 @@ class LossLedger:
         Args:
             indices: 1-D integer tensor of dataset indices.
             losses: 1-D floating tensor of per-sample losses, same length.
+            copy_indices: False when the caller guarantees ``indices`` are never modified (a loader's own
+                index tensors), which saves a copy per step.
 
         Example:
             >>> ledger = LossLedger(10)
@@ -241,7 +243,7 @@ class LossLedger:
         device = self.losses.device
         if indices.device == device and losses.device == device and indices.dtype == torch.int64 \
                 and losses.dtype == torch.float32:  # the common case, a few microseconds cheaper per step
-            self._pending.append((indices.detach().clone(), losses.detach().clone()))
+            self._pending.append((indices.detach().clone() if copy_indices else indices, losses.detach().clone()))
             return
         # Only metadata is inspected above; the copies below are asynchronous (see _staging_device).
         index_device = _staging_device(indices.device, self.device)

@@ -90,7 +90,8 @@ class Plan:
             from dataclasses import replace
 
             config = replace(config, epochs=epochs)
-        clock = Clock(config.epochs, unit=config.schedule_unit, normalization=config.normalization)  # type: ignore[arg-type]
+        clock = Clock(config.epochs, unit=config.schedule_unit, normalization=config.normalization,  # type: ignore[arg-type]
+                      start=config.cycle.start, end=config.cycle.end)
         power = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}[config.data.lr_coupling]
         return cls(clock=clock, knobs=tuple(_knobs_of(config)), lr_coupling_power=power)
 
@@ -126,17 +127,27 @@ class Plan:
         rows = [self.at(epoch) for epoch in range(self.epochs)]
         return {name: [row[name] for row in rows] for name in self.names}
 
+    def progress(self) -> list[float]:
+        """Each epoch's position in the cycle (t at its start)."""
+        return [self.clock.progress(epoch) for epoch in range(self.epochs)]
+
     def to_json(self) -> str:
-        """``{"epochs": N, "knobs": {name: [v_0, ..., v_{N-1}]}}``."""
-        return json.dumps({"epochs": self.epochs, "knobs": self.values()})
+        """``{"epochs": N, "cycle": {"start", "end", "t": [...]}, "knobs": {name: [v_0, ..., v_{N-1}]}}``."""
+        cycle = {"start": self.clock.start, "end": self.clock.end, "t": self.progress()}
+        return json.dumps({"epochs": self.epochs, "cycle": cycle, "knobs": self.values()})
 
     def table(self) -> str:
-        """A readable per-epoch table of every knob."""
+        """A readable per-epoch table of every knob (and the cycle position t of each epoch)."""
         values = self.values()
-        headers = ["epoch", *self.names]
-        rows = [[str(epoch), *(_format(values[name][epoch]) for name in self.names)] for epoch in range(self.epochs)]
+        progress = self.progress()
+        headers = ["epoch", "t", *self.names]
+        rows = [[str(epoch), f"{progress[epoch]:.3f}", *(_format(values[name][epoch]) for name in self.names)]
+                for epoch in range(self.epochs)]
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-        lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
+        lines = []
+        if self.clock.windowed:
+            lines.append(f"this run covers t = {self.clock.start:g} .. {self.clock.end:g} of the easy→hard→easy cycle")
+        lines.append("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
         lines.append("  ".join("-" * w for w in widths))
         lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
         return "\n".join(lines)
@@ -152,21 +163,28 @@ class Plan:
         columns = 2 if len(self.knobs) > 1 else 1
         rows = (len(self.knobs) + columns - 1) // columns
         figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 2.6 * rows), squeeze=False)
-        epochs = list(range(self.epochs))
+        # The x axis is the cycle position t, so a windowed run shows where it sits in the whole cycle.
+        progress = self.progress()
+        whole = [i / 200 for i in range(201)]
         for axis, knob in zip(axes.flat, self.knobs):
-            axis.plot(epochs, values[knob.name], marker="o", markersize=3, color="tab:blue")
+            if knob.timeline == "cycle" and self.clock.windowed:
+                axis.plot(whole, [knob.schedule(t) for t in whole], color="tab:gray", alpha=0.4, linewidth=1,
+                          label="whole cycle")
+                axis.axvspan(self.clock.start, self.clock.end, color="tab:blue", alpha=0.06)
+            axis.plot(progress, values[knob.name], marker="o", markersize=3, color="tab:blue")
             if knob.ends is not None and knob.ends[0] != knob.ends[1]:
                 axis.axhline(
                     knob.ends[0], color="tab:green", linestyle="--", linewidth=1, label=f"easy {knob.ends[0]:g}"
                 )
                 axis.axhline(knob.ends[1], color="tab:red", linestyle="--", linewidth=1, label=f"hard {knob.ends[1]:g}")
                 axis.legend(loc="best", fontsize=8)
-            axis.set_title(knob.name)
-            axis.set_xlabel("epoch")
+            axis.set_title(knob.name + (" (per run)" if knob.timeline == "run" else ""))
+            axis.set_xlabel("cycle position t")
             axis.grid(alpha=0.3)
         for axis in list(axes.flat)[len(self.knobs) :]:
             axis.set_visible(False)
-        figure.suptitle(f"cycdata plan: {self.epochs} epochs, unit={self.clock.unit}")
+        window = f", window t = {self.clock.start:g}..{self.clock.end:g}" if self.clock.windowed else ""
+        figure.suptitle(f"cycdata plan: {self.epochs} epochs, unit={self.clock.unit}{window}")
         figure.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,4 +224,7 @@ def _knobs_of(config: RunConfig) -> list[Knob]:
             knobs.append(_knob("self_paced.threshold", config.self_paced.threshold))
     if config.semi_supervised is not None:
         knobs.append(_knob("semi_supervised.ratio", config.semi_supervised.ratio))
+    if config.distill is not None:
+        knobs.append(_knob("distill.temperature", config.distill.temperature))
+        knobs.append(_knob("distill.weight", config.distill.weight))
     return knobs

@@ -214,6 +214,7 @@ class CyclicalLoader:
             samples per labeled one (every other index is the unlabeled pool).
         factor: shared cyclical factor for mapping knobs. seed: run seed.
         schedule_unit, normalization: as in the config language (the clock).
+        cycle: the window ``(start, end)`` of the easy→hard→easy cycle these ``epochs`` cover.
         refresh_fraction: share of excluded samples re-admitted each epoch to refresh stale losses.
         ledger_ema, ledger_device: loss-ledger options.
         rank, world_size: default from the initialised process group (like DistributedSampler).
@@ -256,7 +257,8 @@ class CyclicalLoader:
                  ledger_device: torch.device | str | None = None, rank: int | None = None,
                  world_size: int | None = None, drop_last: bool = False, ladder: Any = None, strength: Any = None,
                  augment_backend: str = "torch", with_strength: bool = False, placement: str = "auto",
-                 device: torch.device | str | None = None, **dataloader_kwargs: Any) -> None:
+                 device: torch.device | str | None = None, cycle: tuple[float, float] = (0.0, 1.0),
+                 **dataloader_kwargs: Any) -> None:
         for reserved in ("shuffle", "sampler", "batch_sampler"):
             if dataloader_kwargs.get(reserved) not in (None, False):
                 raise ValueError(f"CyclicalLoader chooses the samples itself; drop the {reserved}= argument")
@@ -266,7 +268,8 @@ class CyclicalLoader:
 
             dataset = BetonDataset(dataset, "train")
         self.dataset = dataset
-        self.clock = Clock(epochs, unit=schedule_unit, normalization=normalization)  # type: ignore[arg-type]
+        self.clock = Clock(epochs, unit=schedule_unit, normalization=normalization,  # type: ignore[arg-type]
+                           start=cycle[0], end=cycle[1])
         size = len(dataset)  # type: ignore[arg-type]
         self.semi_supervised = labeled is not None
         if self.semi_supervised:
@@ -388,7 +391,8 @@ class CyclicalLoader:
         if count not in (len(self.batch_indices), self.labeled_count):
             raise ValueError(f"record_loss got {count} losses for a batch of {len(self.batch_indices)} samples "
                              f"({self.labeled_count} labeled); pass one loss per sample (reduction='none')")
-        self.ledger.record(self.batch_indices[:count], losses)
+        # The loader's index tensors are its own and never modified: no defensive copy.
+        self.ledger.record(self.batch_indices[:count], losses, copy_indices=False)
 
     @property
     def batch_weights(self) -> Tensor | None:

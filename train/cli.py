@@ -78,14 +78,16 @@ def _command_train(args: argparse.Namespace) -> int:
 
     config_path, overrides = _split_config_and_overrides(args.items)
     if args.resume:
-        if config_path or overrides or args.out:
+        if config_path or overrides or args.out or args.init:
             raise ConfigError(
                 "arguments",
                 "--resume DIR continues the run with its saved DIR/config.yaml; "
-                "give no CONFIG, KEY=VALUE or --out with it",
+                "give no CONFIG, KEY=VALUE, --out or --init with it",
             )
         resume(args.resume)
         return 0
+    if args.init:
+        overrides.append(f"init={args.init}")
     config = load_config(config_path, overrides)
     out = Path(args.out) if args.out else _default_run_dir(config)
     if (out / "last.pt").exists():
@@ -206,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", metavar="DIR", help="run folder (default: runs/DATASET-MODEL-TIME)")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    run.add_argument("--init", metavar="FILE", help="start from these weights (a checkpoint, run folder or weights "
+                     "file; same as init=FILE): weights only, a head of another size is re-initialised")
     run.set_defaults(handler=_command_train)
 
     convert = commands.add_parser(

@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["REDUCTIONS", "CyclicalFocalLoss", "cyclical_focal_loss", "soft_cross_entropy"]
+__all__ = ["REDUCTIONS", "CyclicalFocalLoss", "cyclical_focal_loss", "distillation_loss", "soft_cross_entropy"]
 
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
 
@@ -341,6 +341,42 @@ def soft_cross_entropy(
     log_p = torch.log_softmax(logits.to(dtype), dim=1)
     q = _smooth(_target_distribution(target, logits.shape[1], dtype), label_smoothing)
     return _reduce(_neg_weighted_log_sum(q, log_p), reduction)
+
+
+def distillation_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, *, reduction: str = "mean"
+) -> Tensor:
+    """Knowledge distillation (Hinton et al. 2015): ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` per sample.
+
+    The T² keeps the gradient's scale independent of T. The teacher's logits are detached.
+
+    Args:
+        student_logits: the student's raw scores [N, C].
+        teacher_logits: the teacher's raw scores [N, C].
+        temperature: T > 0; higher softens both distributions.
+        reduction: "mean", "sum" or "none" (per-sample [N]).
+
+    Example:
+        >>> import torch
+        >>> s, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+        >>> round(distillation_loss(s, t, 1.0).item(), 6)   # (p − q)·log(p/q), p = sigmoid(1), q = 1 − p
+        0.462117
+        >>> float(distillation_loss(t, t, 4.0))
+        0.0
+    """
+    _check_logits(student_logits)
+    _check_logits(teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
+                         f"{tuple(teacher_logits.shape)}; the teacher must predict the same classes")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    _check_reduction(reduction)
+    dtype = _compute_dtype(student_logits)
+    log_student = torch.log_softmax(student_logits.to(dtype) / temperature, dim=1)
+    log_teacher = torch.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=1)
+    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1)
+    return _reduce(kl * temperature**2, reduction)
 
 
 class CyclicalFocalLoss(nn.Module):

@@ -48,8 +48,9 @@ from cycdata.samplers import ShuffledBatchSampler, epoch_generator
 from cycdata.selection import loss_quantile, spl_weights
 from cycdata.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from cycdata.train.hooks import CyclicalHooks
-from cycdata.train.losses import cyclical_focal_loss, soft_cross_entropy
+from cycdata.train.losses import cyclical_focal_loss, distillation_loss, soft_cross_entropy
 from cycdata.train.metrics import KNOB_PREFIXES, EvalAccumulator, RunLogger
+from cycdata.train.weights import build_teacher, find_checkpoint, load_weights
 
 __all__ = ["check_supported", "resume", "train"]
 
@@ -194,6 +195,7 @@ class EpochContext:
     generator: torch.Generator | None = None  # augmentation and SSL view parameters, on the training device
     ladder: Ladder | None = None  # the augmentation ladder, applied to batches on the device
     num_classes: int = 0
+    teacher: nn.Module | None = None  # distillation teacher: eval mode, no gradients
 
 
 def batch_self_paced_weights(per_sample: Tensor, threshold: float | None, weighting: str) -> Tensor | None:
@@ -242,8 +244,8 @@ def train_one_epoch(
     hooks, optimizer, config, runtime = context.hooks, context.optimizer, context.config, context.runtime
     device = runtime.device
     autocast = _autocast(config, device)
-    # loss, correct, labeled samples, grad norm, unlabeled loss, confident, unlabeled, pseudo correct
-    sums = torch.zeros(8, dtype=torch.float64, device=device)
+    # loss, correct, labeled samples, grad norm, unlabeled loss, confident, unlabeled, pseudo correct, distill
+    sums = torch.zeros(9, dtype=torch.float64, device=device)
     steps = len(loader)
     seen = 0
     epoch_samples = max(1, loader.samples_per_epoch)
@@ -276,6 +278,14 @@ def train_one_epoch(
             logits = model(images)
         labeled_logits = logits[:labeled]
         per_sample = loss_fn(hooks.scale_logits(labeled_logits.float()), targets)
+        trained = per_sample
+        if context.teacher is not None:
+            with torch.no_grad(), autocast:
+                teacher_logits = context.teacher(images[:labeled])
+            distill = distillation_loss(labeled_logits.float(), teacher_logits.float(),
+                                        float(values["distill.temperature"]), reduction="none")
+            share = float(values["distill.weight"])
+            trained = (1.0 - share) * per_sample + share * distill
         weights = loader.batch_weights
         if weights is None:
             weights = batch_self_paced_weights(per_sample, context.batch_threshold, weighting)
@@ -283,7 +293,7 @@ def train_one_epoch(
             weights = weights.to(device, non_blocking=True)
         # Self-paced weights v_i scale each sample's loss; normalised by the batch size, not by Σv,
         # so a batch of mostly excluded samples does not take a full-size step.
-        loss = per_sample.mean() if weights is None else (per_sample * weights).sum() / len(per_sample)
+        loss = trained.mean() if weights is None else (trained * weights).sum() / len(trained)
         if ssl is not None:
             count = len(unlabeled)
             weak_logits, strong_logits = logits[labeled : labeled + count], logits[labeled + count :]
@@ -301,6 +311,8 @@ def train_one_epoch(
             sums[2] += labeled
             if grad_norm is not None:
                 sums[3] += grad_norm.detach().double()
+            if context.teacher is not None:
+                sums[8] += distill.detach().sum()
             if ssl is not None and count:
                 sums[4] += unlabeled_loss.detach().sum()
                 sums[5] += mask.sum()
@@ -317,6 +329,8 @@ def train_one_epoch(
     metrics = {"train_loss": values[0] / values[2], "train_accuracy": values[1] / values[2], "train_samples": values[2]}
     if hooks.clip_threshold is not None and hooks.clip_mode == "norm":
         metrics["grad_norm"] = values[3] / (steps * runtime.world_size)
+    if context.teacher is not None:
+        metrics["distill_loss"] = values[8] / values[2]
     if ssl is not None:
         # NaN, not 0, for an epoch with no unlabeled samples (ratio 0) or no confident pseudo-label.
         unlabeled_seen = values[6] or math.nan
@@ -378,7 +392,18 @@ def train(
     plan = Plan.from_config(config)
 
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP broadcasts them anyway)
-    model = build_model(config, data).to(runtime.device)
+    model = build_model(config, data)
+    if config.init is not None and resume_from is None:
+        report = load_weights(model, config.init)  # weights only: this run starts its own schedule
+        if runtime.is_main:
+            print(report.summary(find_checkpoint(config.init)), flush=True)
+    model = model.to(runtime.device)
+    teacher = None
+    if config.distill is not None:
+        teacher, description = build_teacher(config.distill.teacher, num_classes=data.num_classes,
+                                             in_chans=data.in_chans, device=runtime.device)
+        if runtime.is_main:
+            print(description, flush=True)
     # With torch.compile, inductor picks memory layouts itself; channels_last weights on top of it
     # trip a stride assertion in its convolution backward (seen with torch 2.11 on an H200).
     channels_last = config.runtime.channels_last and runtime.device.type == "cuda" and not config.runtime.compile
@@ -427,6 +452,7 @@ def train(
         runtime=runtime,
         ladder=ladder,
         num_classes=data.num_classes,
+        teacher=teacher,
     )
 
     if runtime.is_main:
@@ -516,6 +542,7 @@ def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime)
         "seed": config.seed,
         "schedule_unit": config.schedule_unit,
         "normalization": config.normalization,
+        "cycle": (config.cycle.start, config.cycle.end),
         "rank": runtime.rank,
         "world_size": runtime.world_size,
         "pin_memory": runtime.device.type == "cuda",
