@@ -94,6 +94,7 @@ def test_plan_example_prints_table_json_and_png(tmp_path: Path) -> None:
     lines = table.stdout.splitlines()
     assert lines[0].split() == [
         "epoch",
+        "t",
         "data.batch_size",
         "optim.lr",
         "optim.weight_decay",

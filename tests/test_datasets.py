@@ -290,8 +290,8 @@ def test_folder_errors(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- specs and errors
 
 
-def test_beton_is_not_available_yet() -> None:
-    with pytest.raises(DatasetError, match="FFCV") as info:
+def test_a_missing_beton_says_how_to_write_it() -> None:
+    with pytest.raises(DatasetError, match="cycdata convert") as info:
         load_dataset("beton:/data/cifar.beton")
     assert "\n" not in str(info.value)
 

@@ -4,7 +4,7 @@ Every invalid input exits with status 2 and one line on stderr naming the proble
 
 Example:
     >>> main(["plan", "--json", "epochs=3"])  # doctest: +ELLIPSIS
-    {"epochs": 3, "knobs": {"data.batch_size": [128, 128, 128], ...}}
+    {"epochs": 3, "cycle": {"start": 0.0, "end": 1.0, "t": [0.0, 0.5, 1.0]}, "knobs": {"data.batch_size": [128, ...}}
     0
 """
 
