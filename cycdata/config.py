@@ -272,6 +272,8 @@ def section(cls: type, default_on: bool = True, doc: str = "") -> Any:
 class DataConfig:
     dataset: str = key(dataset, "mnist5k", "dataset spec: " + DATASET_FORMS)
     batch_size: Schedule = key(knob(gt=0, integer=True), Constant(128), "training batch size (cyclical batch size)")
+    train_limit: int | None = key(optional(number(gt=0, integer=True)), None,
+                                  "train on a fixed, class-balanced subset of this many samples (limited-data studies)")
     eval_batch_size: int = key(number(gt=0, integer=True), 500, "batch size for evaluation")
     num_workers: int = key(number(ge=0, integer=True), 2, "DataLoader worker processes (ffcv: decoding threads)")
     placement: str = key(choice("auto", "device", "workers", "ffcv"), "auto",
@@ -491,6 +493,19 @@ def parse_config(raw: Mapping[str, Any] | None) -> RunConfig:
     config = _parse_section(RunConfig, raw, "", ctx)
     _check_consistency(config)
     return config
+
+
+def apply_settings(raw: Mapping[str, Any] | None, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Set dotted keys to already-parsed values (a suite's variants), on a copy of ``raw``.
+
+    Example:
+        >>> apply_settings({"optim": {"lr": 0.1}}, {"optim.lr": 0.05, "temperature": None})
+        {'optim': {'lr': 0.05}, 'temperature': None}
+    """
+    result: dict[str, Any] = _deep_copy(raw or {})
+    for dotted, value in settings.items():
+        _set_dotted(result, str(dotted), _deep_copy(value) if isinstance(value, Mapping) else value)
+    return result
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,4 +1,4 @@
-"""The ``cycdata`` command: ``plan``, ``train``, ``convert`` and ``ladder`` (``measure``, ``show``).
+"""The ``cycdata`` command: ``plan``, ``train``, ``convert``, ``experiment`` and ``ladder`` (``measure``, ``show``).
 
 Every invalid input exits with status 2 and one line on stderr naming the problem and the fix.
 
@@ -183,6 +183,19 @@ def _command_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_experiment(args: argparse.Namespace) -> int:
+    from cycdata.train.experiment import load_suite, results_table, run_suite
+
+    if args.seeds is not None and args.seeds < 1:
+        raise ConfigError("--seeds", f"got {args.seeds}; give an integer >= 1")
+    suite = load_suite(args.suite)  # every variant is validated before the first run starts
+    out = Path(args.out or f"runs/experiment-{Path(args.suite).stem}")
+    summary = run_suite(suite, out, seeds=args.seeds, epochs=args.epochs)
+    print(results_table(summary))
+    print(f"results: {out / 'results.md'} (and results.json, accuracy.png, knobs.png); {summary['seconds']:.0f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cycdata", description="General cyclical training: start easy, train hard, finish easy.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -223,6 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--workers", type=int, help="writer processes (default: by dataset size and CPUs)")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(handler=_command_convert)
+
+    experiment = commands.add_parser(
+        "experiment", help="run a suite of configs x seeds (resumable) and summarise mean ± std and 95% intervals")
+    experiment.add_argument("suite", metavar="SUITE", help="a built-in suite (optimizer, factor, data, smoke) or a "
+                            "suite .yaml file")
+    experiment.add_argument("--seeds", type=int, help="seeds per variant (default: the suite's)")
+    experiment.add_argument("--epochs", type=int, help="override every variant's epochs (a quick look)")
+    experiment.add_argument("--out", metavar="DIR", help="suite folder (default runs/experiment-SUITE); an "
+                            "interrupted suite continues where it stopped")
+    experiment.set_defaults(handler=_command_experiment)
 
     ladder = commands.add_parser("ladder", help="measure an augmentation ladder's rungs, or show them on images")
     ladder_commands = ladder.add_subparsers(dest="ladder_command", required=True, parser_class=_Parser)

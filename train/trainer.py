@@ -387,7 +387,7 @@ def train(
     check_supported(config)
     runtime = setup_runtime(config.runtime.device)
     out = Path(out_dir)
-    data = load_dataset(config.data.dataset)
+    data = limit_train(load_dataset(config.data.dataset), config.data.train_limit)
     ladder = resolve_ladder(config, data)  # a bad ladder fails here, before any model is built
     plan = Plan.from_config(config)
 
@@ -510,6 +510,24 @@ def train(
 def _workers(config: RunConfig, dataset: object) -> int:
     """In-memory datasets are gathered in the main process: worker processes would only add copies."""
     return 0 if hasattr(dataset, "images") else config.data.num_workers
+
+
+def limit_train(data: DatasetSplits, count: int | None) -> DatasetSplits:
+    """The splits with the train split cut to a fixed, class-balanced subset of ``count`` samples."""
+    if count is None:
+        return data
+    labels = getattr(data.train, "labels", None)
+    images = getattr(data.train, "images", None)
+    if not isinstance(labels, Tensor) or not isinstance(images, Tensor):
+        raise ConfigError("data.train_limit", f"needs an in-memory dataset; {data.name} is read lazily")
+    if count >= len(labels):
+        return data
+    chosen = labeled_subset(labels, count, data.num_classes)
+    from dataclasses import replace
+
+    from cycdata.loaders.datasets import TensorImageDataset
+
+    return replace(data, train=TensorImageDataset(images[chosen], labels[chosen]))
 
 
 def labeled_subset(labels: Tensor, count: int, num_classes: int) -> Tensor:
