@@ -285,8 +285,10 @@ class DataConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = key(choice("sgd", "adamw", "adam"), "sgd", "optimizer")
-    lr: float = key(number(gt=0), 0.1, "peak learning rate; follows optim.sched")
-    momentum: float = key(number(ge=0, lt=1), 0.9, "SGD momentum (Adam: beta1)")
+    lr: Schedule = key(knob(gt=0), Constant(0.1), "learning rate: a number is the peak of optim.sched; "
+                       "{easy: small, hard: large} is a cyclical LR (after the warmup)")
+    momentum: Schedule = key(knob(ge=0, lt=1), Constant(0.9),
+                             "SGD momentum (Adam: beta1); cyclical: {easy: small, hard: large}")
     nesterov: bool = key(boolean, True, "Nesterov momentum for SGD")
     weight_decay: Schedule = key(knob(ge=0), Cyclical(5e-5, 1e-3), "weight decay of decayed param groups (CWD)")
     sched: str = key(choice("cosine", "linear", "constant"), "cosine", "learning-rate schedule over the run")
@@ -424,6 +426,9 @@ class RunConfig:
     augment: AugmentConfig = section(AugmentConfig)
     self_paced: SelfPacedConfig | None = section(SelfPacedConfig, default_on=False)
     semi_supervised: SemiSupervisedConfig | None = section(SemiSupervisedConfig, default_on=False)
+    couple: str = key(choice("none", "noise_scale"), "none",
+                      "noise_scale: set the LR so that LR·N/(B·(1 − momentum)) stays at its start while the batch "
+                      "size and momentum cycle (SGD; overrides data.lr_coupling)")
     cycle: CycleConfig = section(CycleConfig)
     distill: DistillConfig | None = section(DistillConfig, default_on=False)
     runtime: RuntimeConfig = section(RuntimeConfig)
@@ -464,6 +469,16 @@ def _check_consistency(config: RunConfig) -> None:
     if config.cycle.start >= config.cycle.end:
         raise ConfigError("cycle", f"start ({config.cycle.start}) must be below end ({config.cycle.end}); "
                           "e.g. {start: 0.0, end: 0.5} to pre-train, {start: 0.5, end: 1.0} to fine-tune")
+    if config.couple == "noise_scale":
+        if config.optim.name != "sgd":
+            raise ConfigError("couple", f"noise_scale is the SGD noise scale LR·N/(B·(1 − m)); optim.name is "
+                              f"{config.optim.name!r}: use sgd or couple: none")
+        if config.data.lr_coupling != "none":
+            raise ConfigError("couple", f"noise_scale sets the LR from the batch size and momentum itself; "
+                              f"data.lr_coupling is {config.data.lr_coupling!r}: set it to none")
+        if not isinstance(config.optim.lr, Constant):
+            raise ConfigError("couple", "noise_scale derives the LR from the batch size and momentum; a cyclical "
+                              "optim.lr conflicts with it: give optim.lr as a number (the starting LR)")
     if config.distill is not None and not config.distill.teacher:
         raise ConfigError("distill.teacher", "is required: a checkpoint file or run folder, or MODEL:WEIGHTS")
     sp = config.self_paced

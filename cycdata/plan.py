@@ -44,6 +44,7 @@ class Knob:
     timeline: Literal["cycle", "run"] = "cycle"
     integer: bool = False
     ends: tuple[float, float] | None = None
+    warmup_until: float = 0.0  # run fraction over which a cycle knob ramps up from a tenth (a cyclical LR)
 
     def value(self, clock: Clock, epoch: int, fraction: float = 0.0) -> float | int:
         if self.timeline == "run":
@@ -51,11 +52,17 @@ class Knob:
         else:
             t = clock.progress(epoch, fraction)
         value = self.schedule(t)
+        if self.warmup_until > 0:
+            done = clock.run_fraction(epoch, fraction) / self.warmup_until
+            if done < 1.0:
+                value *= WARMUP_START_FRACTION + (1.0 - WARMUP_START_FRACTION) * done
         return round(value) if self.integer else value
 
 
 def lr_schedule(config: RunConfig) -> Schedule:
     """The learning rate as a schedule of the run fraction: warmup, then cosine/linear/constant.
+
+    Only for a constant ``optim.lr`` (its peak); a cyclical LR is a cycle knob (see :func:`lr_knob`).
 
     Example:
         >>> from cycdata.config import parse_config
@@ -64,15 +71,25 @@ def lr_schedule(config: RunConfig) -> Schedule:
         (0.1, 0.05, 0.0)
     """
     optim = config.optim
+    peak = float(optim.lr(0.0))
     base: Schedule
     if optim.sched == "cosine":
-        base = Cosine(optim.lr, optim.min_lr)
+        base = Cosine(peak, optim.min_lr)
     elif optim.sched == "linear":
-        base = Linear(optim.lr, optim.min_lr)
+        base = Linear(peak, optim.min_lr)
     else:
-        base = Constant(optim.lr)
+        base = Constant(peak)
     until = optim.warmup_epochs / config.epochs
-    return Warmup(base, until=until, start_value=WARMUP_START_FRACTION * optim.lr) if until > 0 else base
+    return Warmup(base, until=until, start_value=WARMUP_START_FRACTION * peak) if until > 0 else base
+
+
+def lr_knob(config: RunConfig) -> Knob:
+    """``optim.lr``: the run-long schedule for a number; for ``{easy, hard}`` a cycle knob (small at the easy
+    ends, large at the hard peak) whose first ``warmup_epochs`` ramp up from a tenth of it."""
+    if isinstance(config.optim.lr, Constant):
+        return Knob("optim.lr", lr_schedule(config), timeline="run")
+    return Knob("optim.lr", config.optim.lr, ends=knob_range(config.optim.lr),
+                warmup_until=config.optim.warmup_epochs / config.epochs)
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,8 @@ class Plan:
     clock: Clock
     knobs: tuple[Knob, ...]
     lr_coupling_power: float = 0.0  # LR × (batch size / first epoch's batch size) ** power
+    noise_scale: bool = False  # LR × (B/B₀)·((1 − m)/(1 − m₀)): constant SGD noise scale LR·N/(B(1 − m))
+    momentum: float = 0.9  # the constant momentum (when optim.momentum is not a knob)
 
     @classmethod
     def from_config(cls, config: RunConfig, epochs: int | None = None) -> Plan:
@@ -93,7 +112,8 @@ class Plan:
         clock = Clock(config.epochs, unit=config.schedule_unit, normalization=config.normalization,  # type: ignore[arg-type]
                       start=config.cycle.start, end=config.cycle.end)
         power = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}[config.data.lr_coupling]
-        return cls(clock=clock, knobs=tuple(_knobs_of(config)), lr_coupling_power=power)
+        return cls(clock=clock, knobs=tuple(_knobs_of(config)), lr_coupling_power=power,
+                   noise_scale=config.couple == "noise_scale", momentum=float(config.optim.momentum(0.0)))
 
     @property
     def epochs(self) -> int:
@@ -120,7 +140,34 @@ class Plan:
             batch = self.knob("data.batch_size")
             ratio = batch.value(self.clock, epoch) / batch.value(self.clock, 0)
             values["optim.lr"] = float(values["optim.lr"]) * ratio**self.lr_coupling_power
+        if self.noise_scale:
+            values["optim.lr"] = float(values["optim.lr"]) * self.noise_scale_factor(epoch, fraction)
         return values
+
+    def _momentum(self, epoch: int, fraction: float = 0.0) -> float:
+        if "optim.momentum" in self.names:
+            return float(self.knob("optim.momentum").value(self.clock, epoch, fraction))
+        return self.momentum
+
+    def noise_scale_factor(self, epoch: int, fraction: float = 0.0) -> float:
+        """``(B/B₀)·((1 − m)/(1 − m₀))``: the LR factor that holds LR·N/(B·(1 − m)) at its start (SPEC.md §8).
+
+        Example:
+            >>> from cycdata.config import parse_config
+            >>> plan = Plan.from_config(parse_config({"epochs": 3, "couple": "noise_scale",
+            ...                                      "data": {"batch_size": {"easy": 256, "hard": 64}}}))
+            >>> [plan.noise_scale_factor(e) for e in range(3)]
+            [1.0, 0.25, 1.0]
+        """
+        batch = self.knob("data.batch_size")
+        ratio = batch.value(self.clock, epoch) / batch.value(self.clock, 0)
+        return ratio * (1.0 - self._momentum(epoch, fraction)) / (1.0 - self._momentum(0))
+
+    def noise_scale_value(self, epoch: int, dataset_size: int, fraction: float = 0.0) -> float:
+        """The SGD noise scale ``g = LR·N/(B·(1 − m))`` at ``epoch`` (Smith & Le 2018; SPEC.md §8)."""
+        values = self.at(epoch, fraction)
+        return float(values["optim.lr"]) * dataset_size / (
+            float(values["data.batch_size"]) * (1.0 - self._momentum(epoch, fraction)))
 
     def values(self) -> dict[str, list[float | int]]:
         """Every knob's per-epoch values (at each epoch's start)."""
@@ -204,9 +251,11 @@ def _knob(name: str, schedule: Schedule, **kwargs: object) -> Knob:
 def _knobs_of(config: RunConfig) -> list[Knob]:
     knobs = [
         _knob("data.batch_size", config.data.batch_size, integer=True),
-        Knob("optim.lr", lr_schedule(config), timeline="run"),
+        lr_knob(config),
         _knob("optim.weight_decay", config.optim.weight_decay),
     ]
+    if not isinstance(config.optim.momentum, Constant):
+        knobs.append(_knob("optim.momentum", config.optim.momentum))
     if config.temperature is not None:
         knobs.append(_knob("temperature", config.temperature))
     if config.grad_clip is not None:

@@ -87,7 +87,7 @@ def test_overrides_use_dotted_keys_and_yaml_values() -> None:
         ],
     )
     config = parse_config(raw)
-    assert config.epochs == 5 and config.optim.lr == 0.05
+    assert config.epochs == 5 and config.optim.lr == Constant(0.05)
     assert config.temperature == Cyclical(0.7, 1.5)
     assert config.data.batch_size == Cyclical(128, 32)
     assert config.self_paced is not None and config.self_paced.keep == Constant(0.8)

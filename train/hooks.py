@@ -90,7 +90,8 @@ class CyclicalHooks:
     Args:
         optimizer: the optimizer; its param groups with ``weight_decay > 0`` at construction
             get the cyclical weight decay, the others (no-decay groups) are left alone.
-        plan: the run's plan (knobs ``optim.lr``, ``optim.weight_decay``, ``temperature``, ``grad_clip``).
+        plan: the run's plan (knobs ``optim.lr``, ``optim.weight_decay``, ``optim.momentum``, ``temperature``,
+            ``grad_clip``). A cyclical momentum is written into every group (``betas[0]`` for Adam-family).
         clip_mode: ``norm``, ``value`` or ``agc`` for the ``grad_clip`` knob.
         set_lr: write the plan's ``optim.lr`` into every group (times the group's ``lr_scale``
             when present); turn off to keep your own LR scheduler.
@@ -132,7 +133,7 @@ class CyclicalHooks:
         return None if value is None else float(value)
 
     def update(self, epoch: int, fraction: float = 0.0, lr_scale: float = 1.0) -> dict[str, float | int]:
-        """Compute every knob at (epoch, fraction of its samples) and write LR/WD into the optimizer.
+        """Compute every knob at (epoch, fraction of its samples) and write LR/WD/momentum into the optimizer.
 
         ``lr_scale`` multiplies the planned LR (for example the batch-size coupling). Returns
         the values, keyed by dotted knob name.
@@ -148,6 +149,13 @@ class CyclicalHooks:
         if "optim.weight_decay" in values:
             for index in self.decay_groups:
                 groups[index]["weight_decay"] = float(values["optim.weight_decay"])
+        if "optim.momentum" in values:
+            momentum = float(values["optim.momentum"])
+            for group in groups:  # SGD's momentum; Adam-family optimizers: beta1
+                if "betas" in group:
+                    group["betas"] = (momentum, group["betas"][1])
+                else:
+                    group["momentum"] = momentum
         return values
 
     def scale_logits(self, logits: Tensor) -> Tensor:

@@ -134,14 +134,17 @@ def build_optimizer(model: nn.Module, config: RunConfig, plan: Plan) -> torch.op
 
     knob = plan.knob("optim.weight_decay")
     start = max(knob.ends) if knob.ends else float(plan.at(0)["optim.weight_decay"])
-    options: dict[str, Any] = {"momentum": config.optim.momentum}
+    first = plan.at(0)
+    momentum = float(first.get("optim.momentum", plan.momentum))
+    options: dict[str, Any] = {"momentum": momentum}
     name = config.optim.name
     if name == "sgd":
         name = "sgd" if config.optim.nesterov else "momentum"  # timm: "sgd" is Nesterov, "momentum" is not
     else:
-        options = {"betas": (config.optim.momentum, 0.999)}
-    # The initial weight decay only decides the group split; the hooks overwrite it before step 1.
-    return timm.optim.create_optimizer_v2(model, opt=name, lr=config.optim.lr, weight_decay=start, **options)
+        options = {"betas": (momentum, 0.999)}
+    # The initial LR, momentum and weight decay only build the groups; the hooks overwrite them before step 1.
+    return timm.optim.create_optimizer_v2(model, opt=name, lr=float(first["optim.lr"]), weight_decay=start,
+                                          **options)
 
 
 def training_loss(config: RunConfig, plan_values: dict[str, float | int]):
