@@ -1,4 +1,4 @@
-"""The ``cycdata`` command: ``plan``, ``train``, ``convert``, ``experiment`` and ``ladder`` (``measure``, ``show``).
+"""The ``cycdata`` command: ``plan``, ``train``, ``convert``, ``experiment``, ``range-test`` and ``ladder``.
 
 Every invalid input exits with status 2 and one line on stderr naming the problem and the fix.
 
@@ -196,6 +196,27 @@ def _command_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_range_test(args: argparse.Namespace) -> int:
+    from cycdata.train.range_test import plot_range, range_test
+
+    config_path, overrides = _split_config_and_overrides(args.items)
+    config = load_config(config_path, overrides)
+    out = Path(args.out or f"runs/range-test-{args.knob}")
+    started = time.perf_counter()
+    result = range_test(config, args.knob, low=args.low, high=args.high, steps=args.steps,
+                        log=lambda line: print(line, flush=True))
+    out.mkdir(parents=True, exist_ok=True)
+    plot_range(result, out / "range_test.png")
+    (out / "range_test.json").write_text(result.to_json() + "\n")
+    stop = " (stopped early: the loss diverged)" if result.stopped_early else ""
+    print(f"swept {args.knob} over {len(result.values)} values in {time.perf_counter() - started:.0f}s{stop}; "
+          f"plot: {out / 'range_test.png'}")
+    print(f"rule: {result.rule}")
+    print("suggested ends, ready to paste into a config:\n")
+    print(result.snippet())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cycdata", description="General cyclical training: start easy, train hard, finish easy.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -246,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--out", metavar="DIR", help="suite folder (default runs/experiment-SUITE); an "
                             "interrupted suite continues where it stopped")
     experiment.set_defaults(handler=_command_experiment)
+
+    ranges = commands.add_parser(
+        "range-test", help="sweep one knob low to high in a short run and suggest its easy and hard ends")
+    ranges.add_argument("knob", metavar="KNOB", help="optim.lr, optim.weight_decay, optim.momentum, temperature, "
+                        "grad_clip, augment.strength or data.batch_size")
+    ranges.add_argument("items", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help="the run's config and overrides")
+    ranges.add_argument("--low", type=float, help="sweep start (default: per knob)")
+    ranges.add_argument("--high", type=float, help="sweep end (default: per knob)")
+    ranges.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
+    ranges.add_argument("--out", metavar="DIR", help="where the plot and JSON go (default runs/range-test-KNOB)")
+    ranges.set_defaults(handler=_command_range_test)
 
     ladder = commands.add_parser("ladder", help="measure an augmentation ladder's rungs, or show them on images")
     ladder_commands = ladder.add_subparsers(dest="ladder_command", required=True, parser_class=_Parser)

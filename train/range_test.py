@@ -1,0 +1,379 @@
+"""The range test, generalised to every knob: sweep one knob from low to high in a short run and
+suggest its easy and hard ends.
+
+Within one run (``optim.lr``, ``optim.weight_decay``, ``optim.momentum``, ``temperature``,
+``grad_clip``, ``augment.strength``) the knob moves every step, geometrically for scale knobs and
+linearly for bounded ones, while everything else stays at the config's easy-end values; the training
+loss is recorded every step (and smoothed: an exponential moving average with bias correction) and a
+held-out accuracy every few steps, on samples cut from the training split (the test split stays
+untouched). The sweep stops early when the smoothed loss diverges (above 4x its minimum, or NaN).
+``data.batch_size`` cannot change inside a run: each candidate gets a short run of its own from the
+same initial weights.
+
+Rules for the suggestion (printed with it):
+
+* **Step-size knobs** (LR, momentum, clip threshold): the classic LR range test (gradient clipping is
+  off while the LR or the momentum is swept: it would hide the divergence).
+  *Easy* = where the smoothed loss starts to fall (the first value at which it has dropped by a tenth
+  of its total drop); *hard* = the value at the smoothed loss's minimum, just before it turns up.
+* **Batch size** (small = hard): easy is the largest size within 2 points of the best held-out
+  accuracy after its short run, hard the smallest such size.
+* **Regularising knobs** (weight decay, temperature, augmentation strength): they do not make the
+  loss fall, they trade training fit for regularisation. *Easy* = the low end of the sweep; *hard* =
+  the largest value whose held-out accuracy is within 2 points of the best seen and whose smoothed
+  loss has not diverged.
+
+A within-run sweep confounds the knob with training progress (later values see a better-trained
+model); that is the classic test's known bias, acceptable for choosing ranges, not exact values.
+
+Example:
+    >>> spec = KNOB_SPECS["optim.lr"]
+    >>> [f"{v:.0e}" for v in sweep_values(spec.low, spec.high, 5, spec.scale)]
+    ['1e-04', '1e-03', '1e-02', '1e-01', '1e+00']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cycdata.config import ConfigError, RunConfig
+from cycdata.schedules import Constant, Cyclical
+
+__all__ = ["KNOB_SPECS", "KnobSpec", "RangeResult", "range_test", "suggest_ends", "sweep_values"]
+
+
+@dataclass(frozen=True)
+class KnobSpec:
+    """How one knob is swept: default range, scale and the rule family for its ends."""
+
+    low: float
+    high: float
+    scale: str  # "log" or "linear"
+    rule: str  # "step" (loss falls then diverges), "regularizer", or "batch"
+    integer: bool = False
+
+
+KNOB_SPECS: dict[str, KnobSpec] = {
+    "optim.lr": KnobSpec(1e-4, 1.0, "log", "step"),
+    "optim.momentum": KnobSpec(0.5, 0.99, "linear", "step"),
+    "grad_clip": KnobSpec(0.05, 20.0, "log", "step"),
+    "optim.weight_decay": KnobSpec(1e-6, 1e-1, "log", "regularizer"),
+    "temperature": KnobSpec(0.25, 4.0, "log", "regularizer"),
+    "augment.strength": KnobSpec(0.0, 1.0, "linear", "regularizer"),
+    "data.batch_size": KnobSpec(16, 512, "log", "batch", integer=True),
+}
+
+DIVERGENCE = 4.0  # stop when the smoothed loss exceeds this multiple of its minimum
+SMOOTHING = 0.9  # EMA factor of the smoothed loss
+ACCURACY_TOLERANCE = 0.02  # regularizers: within 2 points of the best held-out accuracy
+HELD_OUT = 500  # training samples held out for the accuracy probe
+
+
+def sweep_values(low: float, high: float, count: int, scale: str) -> list[float]:
+    """``count`` values from ``low`` to ``high``, geometric (``log``) or evenly spaced (``linear``)."""
+    if count < 2:
+        raise ValueError(f"a sweep needs at least 2 values, got {count}")
+    if scale == "log":
+        if low <= 0 or high <= 0:
+            raise ValueError(f"a log sweep needs positive ends, got {low} .. {high}")
+        return [low * (high / low) ** (i / (count - 1)) for i in range(count)]
+    return [low + (high - low) * i / (count - 1) for i in range(count)]
+
+
+def smooth(losses: Sequence[float], beta: float = SMOOTHING) -> list[float]:
+    """Bias-corrected exponential moving average (fastai's LR finder smoothing).
+
+    Example:
+        >>> [round(v, 3) for v in smooth([1.0, 1.0, 4.0])]
+        [1.0, 1.0, 2.107]
+    """
+    average, out = 0.0, []
+    for step, loss in enumerate(losses, 1):
+        average = beta * average + (1 - beta) * loss
+        out.append(average / (1 - beta**step))
+    return out
+
+
+@dataclass
+class RangeResult:
+    """What a range test measured and what it suggests."""
+
+    knob: str
+    values: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    probes: list[tuple[int, float]]  # (index into values, held-out accuracy)
+    easy: float
+    hard: float
+    rule: str
+    stopped_early: bool
+
+    def snippet(self) -> str:
+        """A ready-to-paste YAML config snippet with the suggested ends."""
+        parts = self.knob.split(".")
+        ends = f"{{easy: {_short(self.easy)}, hard: {_short(self.hard)}}}"
+        if len(parts) == 1:
+            return f"{parts[0]}: {ends}"
+        return f"{parts[0]}:\n  {parts[1]}: {ends}"
+
+    def to_json(self) -> str:
+        return json.dumps({"knob": self.knob, "values": self.values, "losses": self.losses, "smoothed": self.smoothed,
+                           "probes": self.probes, "easy": self.easy, "hard": self.hard, "rule": self.rule,
+                           "stopped_early": self.stopped_early}, indent=1)
+
+
+def _short(value: float) -> str:
+    return f"{value:.3g}" if value >= 1e-3 else f"{value:.2e}"
+
+
+def suggest_ends(knob: str, values: Sequence[float], smoothed: Sequence[float],
+                 probes: Sequence[tuple[int, float]]) -> tuple[float, float, str]:
+    """The suggested (easy, hard) ends and the rule used (see the module docstring).
+
+    Example:
+        >>> values = [0.001, 0.01, 0.1, 1.0, 10.0]
+        >>> suggest_ends("optim.lr", values, [2.3, 2.2, 1.0, 0.5, 9.0], [])[:2]
+        (0.1, 1.0)
+    """
+    spec = KNOB_SPECS[knob]
+    if spec.rule == "step":
+        lowest = min(range(len(smoothed)), key=lambda i: smoothed[i])
+        drop = smoothed[0] - smoothed[lowest]
+        start = next((i for i in range(lowest + 1) if smoothed[0] - smoothed[i] >= 0.1 * drop), 0)
+        if start >= lowest:
+            start = max(0, lowest - max(1, len(values) // 10))
+        rule = ("easy: where the smoothed loss has fallen by a tenth of its total drop; hard: the smoothed "
+                "loss's minimum, just before it turns up")
+        return values[start], values[lowest], rule
+    if not probes:
+        raise ValueError("a regularizer's ends need held-out accuracy probes")
+    best = max(accuracy for _, accuracy in probes)
+    floor = min(smoothed)
+    tolerated = [index for index, accuracy in probes
+                 if accuracy >= best - ACCURACY_TOLERANCE and smoothed[index] <= DIVERGENCE * floor]
+    if spec.rule == "batch":
+        rule = (f"easy: the largest batch within {100 * ACCURACY_TOLERANCE:.0f} points of the best held-out "
+                "accuracy; hard: the smallest such batch")
+        chosen = [values[i] for i in tolerated]
+        return max(chosen), min(chosen), rule
+    rule = (f"easy: the low end of the sweep; hard: the largest value whose held-out accuracy is within "
+            f"{100 * ACCURACY_TOLERANCE:.0f} points of the best and whose loss has not diverged")
+    return values[0], values[max(tolerated)], rule
+
+
+# --------------------------------------------------------------------------------------------
+# Running the sweep
+# --------------------------------------------------------------------------------------------
+
+
+def _easy_config(config: RunConfig) -> RunConfig:
+    """Every cyclical knob at its easy end, as constants: only the swept knob moves."""
+
+    def easy(schedule: Any) -> Any:
+        return Constant(schedule.easy) if isinstance(schedule, Cyclical) else schedule
+
+    optim = replace(config.optim, weight_decay=easy(config.optim.weight_decay), momentum=easy(config.optim.momentum),
+                    lr=easy(config.optim.lr), warmup_epochs=0.0, sched="constant")
+    grad_clip = config.grad_clip
+    if grad_clip is not None:
+        grad_clip = replace(grad_clip, threshold=easy(grad_clip.threshold))
+    return replace(config, optim=optim, temperature=easy(config.temperature), grad_clip=grad_clip,
+                   augment=replace(config.augment, strength=easy(config.augment.strength)),
+                   data=replace(config.data, batch_size=easy(config.data.batch_size)),
+                   self_paced=None, semi_supervised=None, distill=None, couple="none")
+
+
+class _Probe:
+    """Training batches from one part of the train split, accuracy on the held-out rest."""
+
+    def __init__(self, config: RunConfig, device: torch.device) -> None:
+        from cycdata.loaders.datasets import load_dataset
+        from cycdata.train.trainer import limit_train
+
+        data = limit_train(load_dataset(config.data.dataset), config.data.train_limit)
+        images, labels = getattr(data.train, "images", None), getattr(data.train, "labels", None)
+        if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
+            raise ConfigError("data.dataset", f"the range test needs an in-memory dataset; {data.name} is lazy")
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.seed))
+        held = order[: min(HELD_OUT, len(labels) // 5)]
+        rest = order[len(held) :]
+        self.data = data
+        self.images, self.labels = images[rest].to(device), labels[rest].to(device)
+        self.held_images, self.held_labels = images[held].to(device), labels[held].to(device)
+        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        self.device = device
+        self._order: Tensor = torch.empty(0, dtype=torch.long)
+
+    def batch(self, size: int) -> tuple[Tensor, Tensor]:
+        if len(self._order) < size:
+            self._order = torch.cat([self._order, torch.randperm(len(self.labels), generator=self.generator)])
+        chosen, self._order = self._order[:size], self._order[size:]
+        chosen = chosen.to(self.device)
+        return self.images[chosen], self.labels[chosen]
+
+    @torch.no_grad()
+    def accuracy(self, model: nn.Module, normalize: nn.Module) -> float:
+        model.eval()
+        correct = 0
+        for start in range(0, len(self.held_labels), 500):
+            logits = model(normalize(self.held_images[start : start + 500]))
+            correct += int((logits.argmax(1) == self.held_labels[start : start + 500]).sum())
+        model.train()
+        return correct / len(self.held_labels)
+
+
+def range_test(config: RunConfig, knob: str, *, low: float | None = None, high: float | None = None,
+               steps: int = 100, probes: int = 10, log: Any = None) -> RangeResult:
+    """Sweep ``knob`` over ``steps`` training steps (batch size: one short run per value) and suggest its ends."""
+    from cycdata.plan import Plan
+    from cycdata.samplers import epoch_generator
+    from cycdata.train.hooks import CyclicalHooks
+    from cycdata.train.trainer import (
+        Normalize,
+        build_model,
+        build_optimizer,
+        resolve_ladder,
+        setup_runtime,
+        training_loss,
+    )
+
+    if knob not in KNOB_SPECS:
+        raise ConfigError("range-test", f"cannot sweep {knob!r}; choose one of {', '.join(KNOB_SPECS)}")
+    spec = KNOB_SPECS[knob]
+    low = spec.low if low is None else low
+    high = spec.high if high is None else high
+    if not low < high:
+        raise ConfigError("range-test", f"--low ({low}) must be below --high ({high})")
+    if steps < 10:
+        raise ConfigError("range-test", f"--steps must be at least 10, got {steps}")
+    config = _easy_config(config)
+    if spec.rule == "step" and knob != "grad_clip":
+        # Clipping bounds every update and would hide the divergence the step-size rule looks for.
+        config = replace(config, grad_clip=None)
+    if knob == "augment.strength" and config.augment.ladder == "none":
+        raise ConfigError("augment.ladder", "sweeping augment.strength needs a ladder; set augment.ladder")
+    runtime = setup_runtime(config.runtime.device)
+    probe = _Probe(config, runtime.device)
+    ladder = resolve_ladder(config, probe.data)
+    normalize = Normalize(probe.data.mean, probe.data.std, channels_last=False).to(runtime.device)
+    generator = epoch_generator(config.seed, 0, stream=9, device=runtime.device)
+
+    def fresh() -> tuple[nn.Module, Any, CyclicalHooks]:
+        torch.manual_seed(config.seed)
+        model = build_model(config, probe.data).to(runtime.device)
+        plan = Plan.from_config(config)
+        optimizer = build_optimizer(model, config, plan)
+        hooks = CyclicalHooks(optimizer, plan, clip_mode=config.grad_clip.mode if config.grad_clip else "norm")
+        hooks.update(0)
+        return model.train(), optimizer, hooks
+
+    def step(model: nn.Module, optimizer: Any, hooks: CyclicalHooks, batch_size: int, overrides: dict[str, float]
+             ) -> float:
+        images, labels = probe.batch(batch_size)
+        pixels = images.float() / 255.0
+        strength = overrides.get("augment.strength", float(config.augment.strength(0.0)))
+        if ladder is not None:
+            pixels = ladder.apply(pixels, strength, generator)
+        temperature = overrides.get("temperature", hooks.temperature)
+        logits = model(normalize(pixels))
+        losses = training_loss(config, {})(logits.float() / temperature, labels)
+        loss = losses.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if "grad_clip" in overrides:
+            hooks.values["grad_clip"] = overrides["grad_clip"]
+        hooks.clip_gradients(model)
+        optimizer.step()
+        return float(loss.detach())
+
+    def apply(optimizer: Any, hooks: CyclicalHooks, value: float) -> dict[str, float]:
+        groups = optimizer.param_groups
+        if knob == "optim.lr":
+            for group in groups:
+                group["lr"] = value
+        elif knob == "optim.weight_decay":
+            for index in hooks.decay_groups:
+                groups[index]["weight_decay"] = value
+        elif knob == "optim.momentum":
+            for group in groups:
+                if "betas" in group:
+                    group["betas"] = (value, group["betas"][1])
+                else:
+                    group["momentum"] = value
+        return {knob: value}
+
+    batch_size = round(float(config.data.batch_size(0.0)))
+    values, losses, probed = [], [], []
+    stopped = False
+    if spec.rule == "batch":
+        candidates = sorted({round(v) for v in sweep_values(low, high, max(2, min(8, steps // 10)), spec.scale)})
+        per_value = max(10, steps // len(candidates))
+        for size in candidates:
+            model, optimizer, hooks = fresh()
+            run = [step(model, optimizer, hooks, size, {}) for _ in range(per_value)]
+            values.append(float(size))
+            losses.append(sum(run[-max(1, per_value // 4) :]) / max(1, per_value // 4))
+            probed.append((len(values) - 1, probe.accuracy(model, normalize)))
+            if log:
+                log(f"batch {size}: loss {losses[-1]:.4f}, held-out accuracy {100 * probed[-1][1]:.1f}%")
+        smoothed = list(losses)
+    else:
+        model, optimizer, hooks = fresh()
+        every = max(1, steps // probes)
+        for index, value in enumerate(sweep_values(low, high, steps, spec.scale)):
+            overrides = apply(optimizer, hooks, value)
+            loss = step(model, optimizer, hooks, batch_size, overrides)
+            values.append(value)
+            losses.append(loss if math.isfinite(loss) else math.inf)
+            if (index + 1) % every == 0 or index == steps - 1:
+                probed.append((index, probe.accuracy(model, normalize)))
+            current = smooth(losses)
+            if not math.isfinite(losses[-1]) or (index > steps // 10 and current[-1] > DIVERGENCE * min(current)):
+                stopped = True
+                break
+        smoothed = smooth(losses)
+    easy, hard, rule = suggest_ends(knob, values, smoothed, probed or [(len(values) - 1, 0.0)])
+    return RangeResult(knob, values, losses, smoothed, probed, easy, hard, rule, stopped)
+
+
+def plot_range(result: RangeResult, path: str | Path) -> Path:
+    """Loss (raw and smoothed) and held-out accuracy against the knob, the suggested ends marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    finite = [(v, loss) for v, loss in zip(result.values, result.losses) if math.isfinite(loss)]
+    axis.plot([v for v, _ in finite], [loss for _, loss in finite], color="tab:blue", alpha=0.3, label="loss")
+    axis.plot(result.values, result.smoothed, color="tab:blue", label="smoothed loss")
+    if KNOB_SPECS[result.knob].scale == "log":
+        axis.set_xscale("log")
+    axis.set_xlabel(result.knob)
+    axis.set_ylabel("training loss")
+    cap = min(result.smoothed) * DIVERGENCE if result.smoothed else None
+    if cap and math.isfinite(cap):
+        axis.set_ylim(top=max(cap, max(result.smoothed[: max(1, len(result.smoothed) // 2)])))
+    twin = axis.twinx()
+    twin.plot([result.values[i] for i, _ in result.probes], [100 * a for _, a in result.probes], "o-",
+              color="tab:orange", label="held-out accuracy %")
+    twin.set_ylabel("held-out accuracy %")
+    axis.axvline(result.easy, color="tab:green", linestyle="--", label=f"easy {_short(result.easy)}")
+    axis.axvline(result.hard, color="tab:red", linestyle="--", label=f"hard {_short(result.hard)}")
+    lines = axis.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    axis.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="best")
+    axis.set_title(f"range test: {result.knob}")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
