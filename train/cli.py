@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     experiment = commands.add_parser(
         "experiment", help="run a suite of configs x seeds (resumable) and summarise mean ± std and 95% intervals")
-    experiment.add_argument("suite", metavar="SUITE", help="a built-in suite (optimizer, factor, data, smoke) or a "
+    experiment.add_argument("suite", metavar="SUITE", help="a built-in suite (optimizer, factor, data, range, smoke) or a "
                             "suite .yaml file")
     experiment.add_argument("--seeds", type=int, help="seeds per variant (default: the suite's)")
     experiment.add_argument("--epochs", type=int, help="override every variant's epochs (a quick look)")
