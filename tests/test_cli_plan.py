@@ -150,3 +150,11 @@ def test_unknown_subcommand_is_a_usage_error() -> None:
     result = run_cli("plna")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_overrides_may_follow_options() -> None:
+    result = run_cli("plan", "--epochs", "3", "temperature=1.0", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["knobs"]["temperature"] == [1.0, 1.0, 1.0]
+    bad = run_cli("plan", "--epochs", "3", "--bogus")
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr

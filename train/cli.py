@@ -260,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     experiment = commands.add_parser(
         "experiment", help="run a suite of configs x seeds (resumable) and summarise mean ± std and 95% intervals")
-    experiment.add_argument("suite", metavar="SUITE", help="a built-in suite (optimizer, factor, data, range, smoke) or a "
-                            "suite .yaml file")
+    experiment.add_argument("suite", metavar="SUITE", help="a built-in suite (optimizer, factor, data, range, "
+                            "smoke) or a suite .yaml file")
     experiment.add_argument("--seeds", type=int, help="seeds per variant (default: the suite's)")
     experiment.add_argument("--epochs", type=int, help="override every variant's epochs (a quick look)")
     experiment.add_argument("--out", metavar="DIR", help="suite folder (default runs/experiment-SUITE); an "
@@ -306,7 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``cycdata`` command line; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may follow options (``train --init W epochs=5``): argparse leaves them over.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "items") and all("=" in item and not item.startswith("-") for item in extra):
+            args.items = [*args.items, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
