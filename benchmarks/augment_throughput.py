@@ -22,17 +22,6 @@ from cycdata.loaders.datasets import load_dataset
 from cycdata.loaders.torch_loader import CyclicalLoader
 
 
-class PerSample(Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.targets = images, labels
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.targets[index])
-
-
 def batched_rate(images: torch.Tensor, ladder, strength: float | None, batch: int, device: torch.device) -> float:
     """Images/s through uint8 -> device -> float (-> ladder) for every batch of the dataset."""
     generator = torch.Generator(device=device).manual_seed(0)
@@ -56,7 +45,7 @@ def batched_rate(images: torch.Tensor, ladder, strength: float | None, batch: in
 
 def worker_rate(dataset: Dataset, ladder: str | None, backend: str, workers: int) -> float:
     options = {"ladder": ladder, "strength": 1.0, "augment_backend": backend} if ladder else {}
-    loader = CyclicalLoader(dataset, epochs=4, batch_size=256, num_workers=workers,
+    loader = CyclicalLoader(dataset, epochs=4, batch_size=256, num_workers=workers, placement="workers",
                             persistent_workers=workers > 0, **options)
     for _ in loader:  # warm-up epoch: worker start-up
         pass
@@ -80,7 +69,7 @@ def main() -> None:
     results["batched"]["none"] = batched_rate(images, ladder, None, 256, device)
     for strength in (0.5, 1.0):
         results["batched"][f"strength {strength}"] = batched_rate(images, ladder, strength, 256, device)
-    per_sample = PerSample(images, data.train.labels)
+    per_sample = data.train  # served one item at a time through placement="workers"
     results["workers"]["none"] = worker_rate(per_sample, None, "torch", args.workers)
     for backend in ("torch", "torchvision", "albumentations"):
         results["workers"][f"{backend} strength 1.0"] = worker_rate(per_sample, args.ladder, backend, args.workers)

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import decode_jpeg, encode_jpeg
 
 from cycdata.clock import Clock
-from cycdata.loaders.datasets import load_dataset
+from cycdata.loaders.datasets import TensorImageDataset, load_dataset
 from cycdata.loaders.ffcv_loader import BetonDataset, convert
 from cycdata.loaders.torch_loader import CyclicalLoader
 from cycdata.schedules import as_schedule
@@ -47,19 +47,6 @@ from cycdata.schedules import as_schedule
 EPOCHS = 5  # batch size 256, 160, 64, 160, 256; keep 0.5, 0.75, 1.0, 0.75, 0.5
 ON = {"epochs": EPOCHS, "batch_size": {"easy": 256, "hard": 64}, "keep": {"easy": 0.5, "hard": 1.0}}
 JPEG_QUALITY = 90
-
-
-class PerSample(Dataset):
-    """Images served one at a time, as a typical map-style dataset does."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.targets = images, labels
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.targets[index])
 
 
 class PerSampleJpeg(Dataset):
@@ -146,7 +133,8 @@ def measure_path(plain: Any, off: Any | None, on: Any | None, repeats: int) -> d
 
 def measure_dataset(name: str, images: torch.Tensor, labels: torch.Tensor, beton: Path, jpeg: bool,
                     workers: int, repeats: int) -> dict[str, dict[str, float]]:
-    per_sample: Dataset = PerSampleJpeg(images, labels) if jpeg else PerSample(images, labels)
+    # Per-sample items; the torch path is forced onto DataLoader workers with placement="workers".
+    per_sample: Dataset = PerSampleJpeg(images, labels) if jpeg else TensorImageDataset(images, labels)
     resident = BetonDataset(beton).decoded()  # what the device path holds (JPEG: decoded once)
     dl_workers = {"num_workers": workers, "persistent_workers": workers > 0}
 

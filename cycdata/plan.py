@@ -137,12 +137,15 @@ class Plan:
         """
         values = {knob.name: knob.value(self.clock, epoch, fraction) for knob in self.knobs}
         if self.lr_coupling_power:
-            batch = self.knob("data.batch_size")
-            ratio = batch.value(self.clock, epoch) / batch.value(self.clock, 0)
-            values["optim.lr"] = float(values["optim.lr"]) * ratio**self.lr_coupling_power
+            values["optim.lr"] = float(values["optim.lr"]) * self._batch_ratio(epoch) ** self.lr_coupling_power
         if self.noise_scale:
             values["optim.lr"] = float(values["optim.lr"]) * self.noise_scale_factor(epoch, fraction)
         return values
+
+    def _batch_ratio(self, epoch: int) -> float:
+        """The epoch's batch size over epoch 0's (batch sizes change per epoch only)."""
+        batch = self.knob("data.batch_size")
+        return batch.value(self.clock, epoch) / batch.value(self.clock, 0)
 
     def _momentum(self, epoch: int, fraction: float = 0.0) -> float:
         if "optim.momentum" in self.names:
@@ -159,9 +162,7 @@ class Plan:
             >>> [plan.noise_scale_factor(e) for e in range(3)]
             [1.0, 0.25, 1.0]
         """
-        batch = self.knob("data.batch_size")
-        ratio = batch.value(self.clock, epoch) / batch.value(self.clock, 0)
-        return ratio * (1.0 - self._momentum(epoch, fraction)) / (1.0 - self._momentum(0))
+        return self._batch_ratio(epoch) * (1.0 - self._momentum(epoch, fraction)) / (1.0 - self._momentum(0))
 
     def noise_scale_value(self, epoch: int, dataset_size: int, fraction: float = 0.0) -> float:
         """The SGD noise scale ``g = LR·N/(B·(1 − m))`` at ``epoch`` (Smith & Le 2018; SPEC.md §8)."""

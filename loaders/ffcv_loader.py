@@ -417,7 +417,6 @@ class BetonDataset(Dataset[tuple[Tensor, int]]):
 
 def load_beton(path: str | os.PathLike[str]) -> DatasetSplits:
     """``beton:PATH`` for :func:`cycdata.loaders.load_dataset`: both splits of a converted dataset."""
-    require_ffcv()
     train, test = BetonDataset(path, "train"), BetonDataset(path, "test")
     info = train.info
     return DatasetSplits(name=info.name, train=train, test=test, num_classes=info.num_classes,
@@ -505,15 +504,12 @@ class FFCVSource:
                                             device=self.device)
         else:
             _set_epoch_order(self._loader, order, chunk)
-        pieces: list[tuple[Tensor, Tensor, Tensor]] = []
-        pending = 0
+        pieces: list[tuple[Tensor, Tensor, Tensor]] = []  # decoded samples not yet handed out (a few chunks)
         decoded = _read_epoch(self._loader, self.dataset.info)
         for length, wanted in zip(lengths, batches):
-            while pending < length:
-                piece = next(decoded)
-                pieces.append(piece)
-                pending += len(piece[2])
-            batch, pieces, pending = _cut(pieces, length, pending)
+            while sum(len(piece[2]) for piece in pieces) < length:
+                pieces.append(next(decoded))
+            batch, pieces = _cut(pieces, length)
             if not torch.equal(batch[2].cpu(), torch.as_tensor(wanted, dtype=torch.long).cpu()):
                 raise RuntimeError("ffcv returned samples in a different order than the batch sampler chose; "
                                    "this ffcv version's traversal-order internals differ from 1.0.2's")
@@ -522,12 +518,12 @@ class FFCVSource:
             pass
 
 
-def _cut(pieces: list[tuple[Tensor, Tensor, Tensor]], length: int,
-         pending: int) -> tuple[tuple[Tensor, Tensor, Tensor], list[tuple[Tensor, Tensor, Tensor]], int]:
+def _cut(pieces: list[tuple[Tensor, Tensor, Tensor]],
+         length: int) -> tuple[tuple[Tensor, Tensor, Tensor], list[tuple[Tensor, Tensor, Tensor]]]:
     """The first ``length`` samples of the decoded pieces, and what is left over."""
     if len(pieces) == 1 and len(pieces[0][2]) == length:  # the common case: one ffcv batch is one of ours
-        return pieces[0], [], 0
+        return pieces[0], []
     joined = tuple(torch.cat([piece[k] for piece in pieces]) for k in range(3))
     head = tuple(part[:length] for part in joined)
     rest = tuple(part[length:] for part in joined)
-    return head, ([rest] if len(rest[2]) else []), pending - length  # type: ignore[return-value]
+    return head, ([rest] if len(rest[2]) else [])  # type: ignore[return-value]

@@ -142,6 +142,21 @@ class CyclicalHooks:
         if "optim.lr" in values:
             values["optim.lr"] = float(values["optim.lr"]) * lr_scale
         self.values = values
+        self.write(values)
+        return values
+
+    def write(self, values: dict[str, float | int]) -> None:
+        """Write the ``optim.lr``, ``optim.weight_decay`` and ``optim.momentum`` among ``values`` into the optimizer.
+
+        Example:
+            >>> import torch
+            >>> from cycdata.config import parse_config
+            >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1, momentum=0.9, weight_decay=1e-4)
+            >>> hooks = CyclicalHooks(opt, Plan.from_config(parse_config({"epochs": 2})))
+            >>> hooks.write({"optim.momentum": 0.8})
+            >>> opt.param_groups[0]["momentum"]
+            0.8
+        """
         groups = self.optimizer.param_groups
         if self.set_lr and "optim.lr" in values:
             for group in groups:
@@ -156,7 +171,6 @@ class CyclicalHooks:
                     group["betas"] = (momentum, group["betas"][1])
                 else:
                     group["momentum"] = momentum
-        return values
 
     def scale_logits(self, logits: Tensor) -> Tensor:
         """CST: ``logits / T`` for the training loss. Never call it on evaluation logits.

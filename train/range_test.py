@@ -294,20 +294,8 @@ def range_test(config: RunConfig, knob: str, *, low: float | None = None, high: 
         optimizer.step()
         return float(loss.detach())
 
-    def apply(optimizer: Any, hooks: CyclicalHooks, value: float) -> dict[str, float]:
-        groups = optimizer.param_groups
-        if knob == "optim.lr":
-            for group in groups:
-                group["lr"] = value
-        elif knob == "optim.weight_decay":
-            for index in hooks.decay_groups:
-                groups[index]["weight_decay"] = value
-        elif knob == "optim.momentum":
-            for group in groups:
-                if "betas" in group:
-                    group["betas"] = (value, group["betas"][1])
-                else:
-                    group["momentum"] = value
+    def apply(hooks: CyclicalHooks, value: float) -> dict[str, float]:
+        hooks.write({knob: value})  # LR, weight decay, momentum: into the optimizer; the rest is used per step
         return {knob: value}
 
     batch_size = round(float(config.data.batch_size(0.0)))
@@ -329,7 +317,7 @@ def range_test(config: RunConfig, knob: str, *, low: float | None = None, high: 
         model, optimizer, hooks = fresh()
         every = max(1, steps // probes)
         for index, value in enumerate(sweep_values(low, high, steps, spec.scale)):
-            overrides = apply(optimizer, hooks, value)
+            overrides = apply(hooks, value)
             loss = step(model, optimizer, hooks, batch_size, overrides)
             values.append(value)
             losses.append(loss if math.isfinite(loss) else math.inf)

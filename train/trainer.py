@@ -50,7 +50,7 @@ from cycdata.train.checkpoint import capture_rng_state, load_checkpoint, restore
 from cycdata.train.hooks import CyclicalHooks
 from cycdata.train.losses import cyclical_focal_loss, distillation_loss, soft_cross_entropy
 from cycdata.train.metrics import KNOB_PREFIXES, EvalAccumulator, RunLogger
-from cycdata.train.weights import build_teacher, find_checkpoint, load_weights
+from cycdata.train.weights import build_teacher, load_weights
 
 __all__ = ["check_supported", "resume", "train"]
 
@@ -399,7 +399,7 @@ def train(
     if config.init is not None and resume_from is None:
         report = load_weights(model, config.init)  # weights only: this run starts its own schedule
         if runtime.is_main:
-            print(report.summary(find_checkpoint(config.init)), flush=True)
+            print(report.summary(), flush=True)
     model = model.to(runtime.device)
     teacher = None
     if config.distill is not None:

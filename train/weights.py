@@ -32,7 +32,7 @@ from torch import nn
 
 from cycdata.train.checkpoint import CheckpointError
 
-__all__ = ["WeightsReport", "build_teacher", "find_checkpoint", "load_weights", "read_state_dict"]
+__all__ = ["WeightsReport", "apply_weights", "build_teacher", "find_checkpoint", "load_weights", "read_state_dict"]
 
 _WRAPPERS = ("module.", "_orig_mod.")
 
@@ -41,13 +41,14 @@ _WRAPPERS = ("module.", "_orig_mod.")
 class WeightsReport:
     """What :func:`load_weights` did."""
 
+    file: Path | None = None
     loaded: int = 0
     new_head: list[str] = field(default_factory=list)
     adapted: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
 
-    def summary(self, path: Path) -> str:
-        parts = [f"loaded {self.loaded} tensors from {path}"]
+    def summary(self) -> str:
+        parts = [f"loaded {self.loaded} tensors from {self.file}"]
         if self.new_head:
             parts.append(f"new classifier head ({', '.join(self.new_head)})")
         if self.adapted:
@@ -110,13 +111,19 @@ def _head_names(model: nn.Module) -> tuple[str, ...]:
 
 def load_weights(model: nn.Module, path: str | Path, *, allow_new_head: bool = True) -> WeightsReport:
     """Copy the tensors of ``path`` into ``model`` (see the module docstring for what is adapted)."""
-    from timm.models import adapt_input_conv
-
     file = find_checkpoint(path)
     loaded, _ = read_state_dict(file)
+    return apply_weights(model, loaded, file, allow_new_head=allow_new_head)
+
+
+def apply_weights(model: nn.Module, loaded: dict[str, torch.Tensor], file: Path, *,
+                  allow_new_head: bool = True) -> WeightsReport:
+    """Copy already-read tensors (from ``file``, named in messages) into ``model``."""
+    from timm.models import adapt_input_conv
+
     target = model.state_dict()
     heads = _head_names(model)
-    report = WeightsReport()
+    report = WeightsReport(file=file)
     missing = [key for key in target if key not in loaded and not key.endswith("num_batches_tracked")]
     if missing and not all(key.startswith(heads) for key in missing):
         body = [key for key in missing if not key.startswith(heads)]
@@ -159,7 +166,7 @@ def build_teacher(spec: str, *, num_classes: int, in_chans: int, device: torch.d
     path = Path(spec).expanduser()
     if path.exists():
         file = find_checkpoint(path)
-        _, config = read_state_dict(file)
+        loaded, config = read_state_dict(file)
         if config is None or not isinstance(config.get("model"), str):
             raise CheckpointError(f"{file} carries no cycdata config naming its model; give the teacher as "
                                   f"MODEL:{file} (a timm model name and the weights file)")
@@ -170,11 +177,12 @@ def build_teacher(spec: str, *, num_classes: int, in_chans: int, device: torch.d
             raise CheckpointError(f"distill.teacher {spec!r}: no such file or folder; give a cycdata checkpoint, "
                                   "its run folder, or MODEL:WEIGHTS (a timm model name and a weights file)")
         file = find_checkpoint(weights)
+        loaded, _ = read_state_dict(file)
     try:
         teacher = timm.create_model(name, num_classes=num_classes, in_chans=in_chans)
     except RuntimeError as error:
         raise CheckpointError(f"distill.teacher: {error}") from None
-    report = load_weights(teacher, file, allow_new_head=False)
+    report = apply_weights(teacher, loaded, file, allow_new_head=False)  # the file is read once
     teacher.eval().requires_grad_(False)
     return teacher.to(device), f"teacher {name} ({sum(p.numel() for p in teacher.parameters()):,} parameters): " + \
-        report.summary(file)
+        report.summary()
