@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cycdata.config import ConfigError, load_config
-from cycdata.train.range_test import KNOB_SPECS, range_test, smooth, suggest_ends, sweep_values
+from cycdata.train.range_test import KNOB_SPECS, range_test, smooth, steepest_descent, suggest_ends, sweep_values
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model=test_resnet", "data.train_limit=1000", "runtime.progress=false"]
@@ -25,10 +25,23 @@ def test_sweeps_and_smoothing() -> None:
     assert smooth([2.0] * 5) == pytest.approx([2.0] * 5)  # bias-corrected: no warm-up dip
 
 
-def test_step_rule_picks_the_fall_and_the_minimum() -> None:
-    values = [10.0**e for e in range(-5, 1)]
-    easy, hard, rule = suggest_ends("optim.lr", values, [2.3, 2.3, 2.0, 1.0, 0.4, 5.0], [])
-    assert (easy, hard) == (1e-3, 1e-1) and "minimum" in rule
+def test_step_rules_read_the_easy_end_at_the_steepest_fall_or_where_it_starts() -> None:
+    values = [10.0**e for e in range(-6, 1)]
+    curve = [2.3, 2.05, 1.9, 1.2, 0.8, 0.4, 5.0]  # starts to fall at 1e-5, falls fastest from 1e-4, minimum at 0.1
+    easy, hard, rule = suggest_ends("optim.lr", values, curve, [])
+    assert (easy, hard) == (1e-4, 1e-1) and "falls fastest" in rule and "minimum" in rule
+    easy, hard, rule = suggest_ends("optim.lr", values, curve, [], rule="classic")
+    assert (easy, hard) == (1e-5, 1e-1) and "a tenth of its total drop" in rule
+    with pytest.raises(ConfigError, match="unknown rule 'fastest'"):
+        suggest_ends("optim.lr", values, curve, [], rule="fastest")
+
+
+def test_steepest_descent_is_not_fooled_by_one_noisy_step() -> None:
+    values = sweep_values(1e-4, 1.0, 40, "log")
+    curve = [2.3] * 20 + [2.3 - 0.15 * k for k in range(1, 16)] + [0.5, 0.8, 1.2, 2.0, 3.0]
+    curve[5] = 2.05  # a single lucky batch early on: steeper than any one step of the real fall
+    lowest = min(range(len(curve)), key=curve.__getitem__)
+    assert 20 <= steepest_descent(values, curve, lowest) < lowest
 
 
 def test_regularizer_rule_uses_held_out_accuracy() -> None:
@@ -58,6 +71,8 @@ def test_bad_range_test_input_is_refused() -> None:
         range_test(config, "optim.nesterov")
     with pytest.raises(ConfigError, match="must be below"):
         range_test(config, "optim.lr", low=1.0, high=0.1)
+    with pytest.raises(ConfigError, match="--rule 'fastest' is unknown"):
+        range_test(config, "optim.lr", rule="fastest")
     with pytest.raises(ConfigError, match="needs a ladder"):
         range_test(load_config(None, [*SMALL, "augment.ladder=none"]), "augment.strength")
 
@@ -74,3 +89,20 @@ def test_cli_range_test_writes_plot_json_and_snippet(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "cycdata.train.cli", "range-test", "optim.lr", "--low", "2",
                           "--high", "1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "must be below" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["range", "range-recipe"])
+def test_shipped_suites_use_the_ranges_the_range_test_suggests(name: str) -> None:
+    """The suites' cyclical LRs are what ``cycdata range-test optim.lr`` prints on their baseline's config."""
+    from cycdata.train.experiment import load_suite
+
+    suite = load_suite(name)
+    config = next(run.config for run in suite.runs() if run.variant == suite.baseline)
+    result = range_test(config, "optim.lr")
+    for rule in ("steepest", "classic"):
+        easy, hard, _ = suggest_ends("optim.lr", result.values, result.smoothed, result.probes, rule)
+        shipped = suite.variants[f"range-{rule}"]["optim.lr"]
+        # One sweep step is a factor 1.1; another CPU may round differently, so two steps are allowed.
+        assert easy == pytest.approx(shipped["easy"], rel=0.21), (rule, easy)
+        assert hard == pytest.approx(shipped["hard"], rel=0.21), (rule, hard)

@@ -203,7 +203,7 @@ def _command_range_test(args: argparse.Namespace) -> int:
     config = load_config(config_path, overrides)
     out = Path(args.out or f"runs/range-test-{args.knob}")
     started = time.perf_counter()
-    result = range_test(config, args.knob, low=args.low, high=args.high, steps=args.steps,
+    result = range_test(config, args.knob, low=args.low, high=args.high, steps=args.steps, rule=args.rule,
                         log=lambda line: print(line, flush=True))
     out.mkdir(parents=True, exist_ok=True)
     plot_range(result, out / "range_test.png")
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment = commands.add_parser(
         "experiment", help="run a suite of configs x seeds (resumable) and summarise mean ± std and 95% intervals")
     experiment.add_argument("suite", metavar="SUITE", help="a built-in suite (optimizer, factor, data, range, "
-                            "smoke) or a suite .yaml file")
+                            "range-recipe, smoke) or a suite .yaml file")
     experiment.add_argument("--seeds", type=int, help="seeds per variant (default: the suite's)")
     experiment.add_argument("--epochs", type=int, help="override every variant's epochs (a quick look)")
     experiment.add_argument("--out", metavar="DIR", help="suite folder (default runs/experiment-SUITE); an "
@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     ranges.add_argument("--low", type=float, help="sweep start (default: per knob)")
     ranges.add_argument("--high", type=float, help="sweep end (default: per knob)")
     ranges.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
+    ranges.add_argument("--rule", choices=("steepest", "classic"), default="steepest",
+                        help="a step-size knob's easy end: where the loss falls fastest (steepest, default) or "
+                        "where it starts to fall (classic)")
     ranges.add_argument("--out", metavar="DIR", help="where the plot and JSON go (default runs/range-test-KNOB)")
     ranges.set_defaults(handler=_command_range_test)
 

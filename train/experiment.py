@@ -42,7 +42,7 @@ from cycdata.config import ConfigError, RunConfig, apply_settings, parse_config,
 
 __all__ = ["SUITES", "Run", "Suite", "load_suite", "run_suite", "summarize"]
 
-SUITES = ("optimizer", "factor", "data", "range", "smoke")
+SUITES = ("optimizer", "factor", "data", "range", "range-recipe", "smoke")
 METRICS = ("test_accuracy", "test_nll", "test_ece")
 
 

@@ -12,10 +12,15 @@ same initial weights.
 
 Rules for the suggestion (printed with it):
 
-* **Step-size knobs** (LR, momentum, clip threshold): the classic LR range test (gradient clipping is
-  off while the LR or the momentum is swept: it would hide the divergence).
-  *Easy* = where the smoothed loss starts to fall (the first value at which it has dropped by a tenth
-  of its total drop); *hard* = the value at the smoothed loss's minimum, just before it turns up.
+* **Step-size knobs** (LR, momentum, clip threshold): the LR range test (gradient clipping is off while
+  the LR or the momentum is swept: it would hide the divergence). *Hard* = the value at the smoothed
+  loss's minimum, just before it turns up and diverges. *Easy*, rule ``steepest`` (the default) = where
+  the smoothed loss falls fastest against the (log-)knob, i.e. where the model clearly learns, the point
+  at which the held-out accuracy starts to rise; rule ``classic`` = where the loss starts to fall (the
+  first value at which it has dropped by a tenth of its total drop). In one easy -> hard -> easy cycle
+  over a run the easy end sets the first epochs' step size, and the classic start-of-fall value (often
+  100x below the hard end) spends them barely training; the steepest point is typically 10-30x below
+  the hard end, still low enough to anneal on at the end of the cycle.
 * **Batch size** (small = hard): easy is the largest size within 2 points of the best held-out
   accuracy after its short run, hard the smallest such size.
 * **Regularising knobs** (weight decay, temperature, augmentation strength): they do not make the
@@ -47,7 +52,8 @@ from torch import Tensor, nn
 from cycdata.config import ConfigError, RunConfig
 from cycdata.schedules import Constant, Cyclical
 
-__all__ = ["KNOB_SPECS", "KnobSpec", "RangeResult", "range_test", "suggest_ends", "sweep_values"]
+__all__ = ["KNOB_SPECS", "STEP_RULES", "KnobSpec", "RangeResult", "range_test", "steepest_descent", "suggest_ends",
+           "sweep_values"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ KNOB_SPECS: dict[str, KnobSpec] = {
 
 DIVERGENCE = 4.0  # stop when the smoothed loss exceeds this multiple of its minimum
 SMOOTHING = 0.9  # EMA factor of the smoothed loss
+STEP_RULES = ("steepest", "classic")  # how a step-size knob's easy end is read off the curve
 ACCURACY_TOLERANCE = 0.02  # regularizers: within 2 points of the best held-out accuracy
 HELD_OUT = 500  # training samples held out for the accuracy probe
 
@@ -134,25 +141,58 @@ def _short(value: float) -> str:
     return f"{value:.3g}" if value >= 1e-3 else f"{value:.2e}"
 
 
+def steepest_descent(values: Sequence[float], smoothed: Sequence[float], end: int, scale: str = "log") -> int:
+    """Index where the smoothed loss falls fastest against the knob (log-knob on a log sweep), before ``end``.
+
+    The slope is taken over a window of a twentieth of the sweep (at least one step) so that single noisy
+    steps do not decide it; the index returned is the window's middle.
+
+    Example:
+        >>> values = [10.0**-k for k in range(6, 0, -1)]
+        >>> steepest_descent(values, [2.3, 2.25, 2.1, 1.2, 0.9, 0.8], end=5)
+        2
+    """
+    if end < 1:
+        return 0
+    coordinate = [math.log(v) for v in values] if scale == "log" else [float(v) for v in values]
+    span = min(end, max(1, round(len(values) / 20)))
+
+    def slope(i: int) -> float:
+        return (smoothed[i + span] - smoothed[i]) / (coordinate[i + span] - coordinate[i])
+
+    start = min(range(end - span + 1), key=slope)
+    return start + span // 2
+
+
 def suggest_ends(knob: str, values: Sequence[float], smoothed: Sequence[float],
-                 probes: Sequence[tuple[int, float]]) -> tuple[float, float, str]:
+                 probes: Sequence[tuple[int, float]], rule: str = "steepest") -> tuple[float, float, str]:
     """The suggested (easy, hard) ends and the rule used (see the module docstring).
+
+    ``rule`` chooses how a step-size knob's easy end is read (``steepest`` or ``classic``); the other knobs
+    have one rule each.
 
     Example:
         >>> values = [0.001, 0.01, 0.1, 1.0, 10.0]
         >>> suggest_ends("optim.lr", values, [2.3, 2.2, 1.0, 0.5, 9.0], [])[:2]
+        (0.01, 1.0)
+        >>> suggest_ends("optim.lr", values, [2.3, 2.2, 1.0, 0.5, 9.0], [], rule="classic")[:2]
         (0.1, 1.0)
     """
+    if rule not in STEP_RULES:
+        raise ConfigError("range-test", f"unknown rule {rule!r}; choose one of {', '.join(STEP_RULES)}")
     spec = KNOB_SPECS[knob]
     if spec.rule == "step":
         lowest = min(range(len(smoothed)), key=lambda i: smoothed[i])
+        hard_text = "hard: the smoothed loss's minimum, just before it turns up"
+        if rule == "steepest":
+            start = steepest_descent(values, smoothed, lowest, spec.scale)
+            return values[start], values[lowest], f"easy: where the smoothed loss falls fastest; {hard_text}"
         drop = smoothed[0] - smoothed[lowest]
         start = next((i for i in range(lowest + 1) if smoothed[0] - smoothed[i] >= 0.1 * drop), 0)
         if start >= lowest:
             start = max(0, lowest - max(1, len(values) // 10))
-        rule = ("easy: where the smoothed loss has fallen by a tenth of its total drop; hard: the smoothed "
-                "loss's minimum, just before it turns up")
-        return values[start], values[lowest], rule
+        easy_text = "easy: where the smoothed loss has fallen by a tenth of its total drop"
+        return values[start], values[lowest], f"{easy_text}; {hard_text}"
     if not probes:
         raise ValueError("a regularizer's ends need held-out accuracy probes")
     best = max(accuracy for _, accuracy in probes)
@@ -231,8 +271,11 @@ class _Probe:
 
 
 def range_test(config: RunConfig, knob: str, *, low: float | None = None, high: float | None = None,
-               steps: int = 100, probes: int = 10, log: Any = None) -> RangeResult:
-    """Sweep ``knob`` over ``steps`` training steps (batch size: one short run per value) and suggest its ends."""
+               steps: int = 100, probes: int = 10, rule: str = "steepest", log: Any = None) -> RangeResult:
+    """Sweep ``knob`` over ``steps`` training steps (batch size: one short run per value) and suggest its ends.
+
+    ``rule`` (``steepest`` or ``classic``) chooses how a step-size knob's easy end is read off the curve.
+    """
     from cycdata.plan import Plan
     from cycdata.samplers import epoch_generator
     from cycdata.train.hooks import CyclicalHooks
@@ -254,6 +297,8 @@ def range_test(config: RunConfig, knob: str, *, low: float | None = None, high: 
         raise ConfigError("range-test", f"--low ({low}) must be below --high ({high})")
     if steps < 10:
         raise ConfigError("range-test", f"--steps must be at least 10, got {steps}")
+    if rule not in STEP_RULES:
+        raise ConfigError("range-test", f"--rule {rule!r} is unknown; choose one of {', '.join(STEP_RULES)}")
     config = _easy_config(config)
     if spec.rule == "step" and knob != "grad_clip":
         # Clipping bounds every update and would hide the divergence the step-size rule looks for.
@@ -328,8 +373,8 @@ def range_test(config: RunConfig, knob: str, *, low: float | None = None, high: 
                 stopped = True
                 break
         smoothed = smooth(losses)
-    easy, hard, rule = suggest_ends(knob, values, smoothed, probed or [(len(values) - 1, 0.0)])
-    return RangeResult(knob, values, losses, smoothed, probed, easy, hard, rule, stopped)
+    easy, hard, text = suggest_ends(knob, values, smoothed, probed or [(len(values) - 1, 0.0)], rule)
+    return RangeResult(knob, values, losses, smoothed, probed, easy, hard, text, stopped)
 
 
 def plot_range(result: RangeResult, path: str | Path) -> Path:
