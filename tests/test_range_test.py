@@ -29,9 +29,9 @@ def test_step_rules_read_the_easy_end_at_the_steepest_fall_or_where_it_starts() 
     values = [10.0**e for e in range(-6, 1)]
     curve = [2.3, 2.05, 1.9, 1.2, 0.8, 0.4, 5.0]  # starts to fall at 1e-5, falls fastest from 1e-4, minimum at 0.1
     easy, hard, rule = suggest_ends("optim.lr", values, curve, [])
-    assert (easy, hard) == (1e-4, 1e-1) and "falls fastest" in rule and "minimum" in rule
-    easy, hard, rule = suggest_ends("optim.lr", values, curve, [], rule="classic")
-    assert (easy, hard) == (1e-5, 1e-1) and "a tenth of its total drop" in rule
+    assert (easy, hard) == (1e-5, 1e-1) and "a tenth of its total drop" in rule and "minimum" in rule
+    easy, hard, rule = suggest_ends("optim.lr", values, curve, [], rule="steepest")
+    assert (easy, hard) == (1e-4, 1e-1) and "falls fastest" in rule
     with pytest.raises(ConfigError, match="unknown rule 'fastest'"):
         suggest_ends("optim.lr", values, curve, [], rule="fastest")
 

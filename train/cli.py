@@ -276,9 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     ranges.add_argument("--low", type=float, help="sweep start (default: per knob)")
     ranges.add_argument("--high", type=float, help="sweep end (default: per knob)")
     ranges.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
-    ranges.add_argument("--rule", choices=("steepest", "classic"), default="steepest",
-                        help="a step-size knob's easy end: where the loss falls fastest (steepest, default) or "
-                        "where it starts to fall (classic)")
+    ranges.add_argument("--rule", choices=("classic", "steepest"), default="classic",
+                        help="a step-size knob's easy end: where the loss starts to fall (classic, default) or "
+                        "where it falls fastest (steepest)")
     ranges.add_argument("--out", metavar="DIR", help="where the plot and JSON go (default runs/range-test-KNOB)")
     ranges.set_defaults(handler=_command_range_test)
 

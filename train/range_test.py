@@ -14,13 +14,13 @@ Rules for the suggestion (printed with it):
 
 * **Step-size knobs** (LR, momentum, clip threshold): the LR range test (gradient clipping is off while
   the LR or the momentum is swept: it would hide the divergence). *Hard* = the value at the smoothed
-  loss's minimum, just before it turns up and diverges. *Easy*, rule ``steepest`` (the default) = where
-  the smoothed loss falls fastest against the (log-)knob, i.e. where the model clearly learns, the point
-  at which the held-out accuracy starts to rise; rule ``classic`` = where the loss starts to fall (the
-  first value at which it has dropped by a tenth of its total drop). In one easy -> hard -> easy cycle
-  over a run the easy end sets the first epochs' step size, and the classic start-of-fall value (often
-  100x below the hard end) spends them barely training; the steepest point is typically 10-30x below
-  the hard end, still low enough to anneal on at the end of the cycle.
+  loss's minimum, just before it turns up and diverges. *Easy*, rule ``classic`` (the default) = where
+  the loss starts to fall (the first value at which it has dropped by a tenth of its total drop); rule
+  ``steepest`` = where the smoothed loss falls fastest against the (log-)knob. In one easy -> hard ->
+  easy cycle over a run the easy end sets both the first epochs' step size and the final annealing:
+  ``steepest`` starts faster (its value is higher) and anneals less. Measured on two setups (README,
+  docs/RESULTS.md section 4), neither reading beat the other beyond noise; ``classic`` did better where
+  the steepest point sat close to the hard end.
 * **Batch size** (small = hard): easy is the largest size within 2 points of the best held-out
   accuracy after its short run, hard the smallest such size.
 * **Regularising knobs** (weight decay, temperature, augmentation strength): they do not make the
@@ -79,7 +79,7 @@ KNOB_SPECS: dict[str, KnobSpec] = {
 
 DIVERGENCE = 4.0  # stop when the smoothed loss exceeds this multiple of its minimum
 SMOOTHING = 0.9  # EMA factor of the smoothed loss
-STEP_RULES = ("steepest", "classic")  # how a step-size knob's easy end is read off the curve
+STEP_RULES = ("classic", "steepest")  # how a step-size knob's easy end is read off the curve
 ACCURACY_TOLERANCE = 0.02  # regularizers: within 2 points of the best held-out accuracy
 HELD_OUT = 500  # training samples held out for the accuracy probe
 
@@ -165,18 +165,18 @@ def steepest_descent(values: Sequence[float], smoothed: Sequence[float], end: in
 
 
 def suggest_ends(knob: str, values: Sequence[float], smoothed: Sequence[float],
-                 probes: Sequence[tuple[int, float]], rule: str = "steepest") -> tuple[float, float, str]:
+                 probes: Sequence[tuple[int, float]], rule: str = "classic") -> tuple[float, float, str]:
     """The suggested (easy, hard) ends and the rule used (see the module docstring).
 
-    ``rule`` chooses how a step-size knob's easy end is read (``steepest`` or ``classic``); the other knobs
+    ``rule`` chooses how a step-size knob's easy end is read (``classic`` or ``steepest``); the other knobs
     have one rule each.
 
     Example:
         >>> values = [0.001, 0.01, 0.1, 1.0, 10.0]
         >>> suggest_ends("optim.lr", values, [2.3, 2.2, 1.0, 0.5, 9.0], [])[:2]
-        (0.01, 1.0)
-        >>> suggest_ends("optim.lr", values, [2.3, 2.2, 1.0, 0.5, 9.0], [], rule="classic")[:2]
         (0.1, 1.0)
+        >>> suggest_ends("optim.lr", values, [2.3, 2.2, 1.0, 0.5, 9.0], [], rule="steepest")[:2]
+        (0.01, 1.0)
     """
     if rule not in STEP_RULES:
         raise ConfigError("range-test", f"unknown rule {rule!r}; choose one of {', '.join(STEP_RULES)}")
@@ -271,10 +271,10 @@ class _Probe:
 
 
 def range_test(config: RunConfig, knob: str, *, low: float | None = None, high: float | None = None,
-               steps: int = 100, probes: int = 10, rule: str = "steepest", log: Any = None) -> RangeResult:
+               steps: int = 100, probes: int = 10, rule: str = "classic", log: Any = None) -> RangeResult:
     """Sweep ``knob`` over ``steps`` training steps (batch size: one short run per value) and suggest its ends.
 
-    ``rule`` (``steepest`` or ``classic``) chooses how a step-size knob's easy end is read off the curve.
+    ``rule`` (``classic`` or ``steepest``) chooses how a step-size knob's easy end is read off the curve.
     """
     from cycdata.plan import Plan
     from cycdata.samplers import epoch_generator
