@@ -73,6 +73,8 @@ def test_bad_range_test_input_is_refused() -> None:
         range_test(config, "optim.lr", low=1.0, high=0.1)
     with pytest.raises(ConfigError, match="--rule 'fastest' is unknown"):
         range_test(config, "optim.lr", rule="fastest")
+    with pytest.raises(ConfigError, match=r"optim\.weight_decay has one rule of its own"):
+        range_test(config, "optim.weight_decay", rule="steepest")
     with pytest.raises(ConfigError, match="needs a ladder"):
         range_test(load_config(None, [*SMALL, "augment.ladder=none"]), "augment.strength")
 

@@ -299,6 +299,10 @@ def range_test(config: RunConfig, knob: str, *, low: float | None = None, high: 
         raise ConfigError("range-test", f"--steps must be at least 10, got {steps}")
     if rule not in STEP_RULES:
         raise ConfigError("range-test", f"--rule {rule!r} is unknown; choose one of {', '.join(STEP_RULES)}")
+    if rule != "classic" and spec.rule != "step":
+        step_knobs = ", ".join(name for name, other in KNOB_SPECS.items() if other.rule == "step")
+        raise ConfigError("range-test", f"--rule {rule} reads a step-size knob's curve ({step_knobs}); "
+                          f"{knob} has one rule of its own: drop --rule")
     config = _easy_config(config)
     if spec.rule == "step" and knob != "grad_clip":
         # Clipping bounds every update and would hide the divergence the step-size rule looks for.
