@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from cycdata.config import ConfigError, load_config
-from cycdata.train.range_test import KNOB_SPECS, range_test, smooth, steepest_descent, suggest_ends, sweep_values
+from cycdata.train.range_test import (
+    KNOB_SPECS,
+    RangeResult,
+    range_test,
+    smooth,
+    steepest_descent,
+    suggest_ends,
+    sweep_values,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model=test_resnet", "data.train_limit=1000", "runtime.progress=false"]
@@ -32,16 +40,22 @@ def test_step_rules_read_the_easy_end_at_the_steepest_fall_or_where_it_starts() 
     assert (easy, hard) == (1e-5, 1e-1) and "a tenth of its total drop" in rule and "minimum" in rule
     easy, hard, rule = suggest_ends("optim.lr", values, curve, [], rule="steepest")
     assert (easy, hard) == (1e-4, 1e-1) and "falls fastest" in rule
-    with pytest.raises(ConfigError, match="unknown rule 'fastest'"):
+    with pytest.raises(ConfigError, match="'fastest' is unknown"):
         suggest_ends("optim.lr", values, curve, [], rule="fastest")
+    with pytest.raises(ConfigError, match="has one rule of its own"):
+        suggest_ends("temperature", values, curve, [(0, 0.5)], rule="steepest")
 
 
 def test_steepest_descent_is_not_fooled_by_one_noisy_step() -> None:
-    values = sweep_values(1e-4, 1.0, 40, "log")
-    curve = [2.3] * 20 + [2.3 - 0.15 * k for k in range(1, 16)] + [0.5, 0.8, 1.2, 2.0, 3.0]
-    curve[5] = 2.05  # a single lucky batch early on: steeper than any one step of the real fall
+    values = sweep_values(1e-4, 1.0, 60, "log")
+    raw = [2.3] * 20 + [2.3 - 0.02 * k for k in range(1, 11)]  # a slow start of the fall ...
+    raw += [raw[-1] - 0.12 * k for k in range(1, 11)]  # ... its steep stretch, steps 30-39 ...
+    raw += [raw[-1] - 0.01 * k for k in range(1, 11)] + [1.0 + 0.3 * k for k in range(10)]  # ... a plateau, a rise
+    raw[5] = 1.7  # one lucky batch early on: after smoothing, a steeper single step than any of the real fall
+    curve = smooth(raw)
     lowest = min(range(len(curve)), key=curve.__getitem__)
-    assert 20 <= steepest_descent(values, curve, lowest) < lowest
+    # The moving average lags the raw loss by about 9 steps: the reading lands after the steep stretch's start.
+    assert 30 <= steepest_descent(values, curve, lowest) <= 30 + 10 + 9
 
 
 def test_regularizer_rule_uses_held_out_accuracy() -> None:
@@ -57,6 +71,18 @@ def test_lr_range_test_on_mnist_suggests_increasing_ends() -> None:
     assert KNOB_SPECS["optim.lr"].low <= result.easy < result.hard <= KNOB_SPECS["optim.lr"].high
     assert result.probes and all(0.0 <= accuracy <= 1.0 for _, accuracy in result.probes)
     assert result.snippet().startswith("optim:\n  lr: {easy: ")
+    assert "a tenth of its total drop" in result.rule and not result.warnings()
+    steepest = range_test(load_config(None, SMALL), "optim.lr", steps=40, rule="steepest")
+    assert "falls fastest" in steepest.rule and steepest.values == result.values  # the same sweep, read otherwise
+    assert steepest.easy == suggest_ends("optim.lr", result.values, result.smoothed, result.probes, "steepest")[0]
+
+
+def test_a_sweep_that_misses_an_end_says_so() -> None:
+    values = [1e-3, 1e-2, 1e-1]
+    flat = RangeResult("optim.lr", values, [2.3] * 3, [2.3] * 3, [], 1e-3, 1e-3, "rule", stopped_early=False)
+    assert flat.warnings() == ["the loss never fell over the sweep: raise --high or --steps"]
+    falling = RangeResult("optim.lr", values, [2, 1, 0.5], [2, 1, 0.5], [], 1e-3, 1e-1, "rule", stopped_early=False)
+    assert "raise --high" in falling.warnings()[0]
 
 
 def test_batch_size_runs_one_short_run_per_value() -> None:
@@ -91,6 +117,9 @@ def test_cli_range_test_writes_plot_json_and_snippet(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "cycdata.train.cli", "range-test", "optim.lr", "--low", "2",
                           "--high", "1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "must be below" in bad.stderr
+    wrong_rule = subprocess.run([sys.executable, "-m", "cycdata.train.cli", "range-test", "temperature", "--rule",
+                                 "steepest"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert wrong_rule.returncode == 2 and "temperature has one rule of its own" in wrong_rule.stderr
 
 
 @pytest.mark.slow

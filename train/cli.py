@@ -212,6 +212,8 @@ def _command_range_test(args: argparse.Namespace) -> int:
     print(f"swept {args.knob} over {len(result.values)} values in {time.perf_counter() - started:.0f}s{stop}; "
           f"plot: {out / 'range_test.png'}")
     print(f"rule: {result.rule}")
+    for warning in result.warnings():
+        print(f"warning: {warning}")
     print("suggested ends, ready to paste into a config:\n")
     print(result.snippet())
     return 0
