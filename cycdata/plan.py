@@ -202,15 +202,12 @@ class Plan:
 
     def plot(self, path: str | Path) -> Path:
         """Draw one panel per knob over the epochs, with the easy/hard ends marked, to a PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from cycdata.figures import pyplot, save_figure
 
         values = self.values()
         columns = 2 if len(self.knobs) > 1 else 1
         rows = (len(self.knobs) + columns - 1) // columns
-        figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 2.6 * rows), squeeze=False)
+        figure, axes = pyplot().subplots(rows, columns, figsize=(6 * columns, 2.6 * rows), squeeze=False)
         # The x axis is the cycle position t, so a windowed run shows where it sits in the whole cycle.
         progress = self.progress()
         whole = [i / 200 for i in range(201)]
@@ -233,12 +230,7 @@ class Plan:
             axis.set_visible(False)
         window = f", window t = {self.clock.start:g}..{self.clock.end:g}" if self.clock.windowed else ""
         figure.suptitle(f"cycdata plan: {self.epochs} epochs, unit={self.clock.unit}{window}")
-        figure.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        return path
+        return save_figure(figure, path)
 
 
 def _format(value: float | int) -> str:

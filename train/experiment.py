@@ -262,12 +262,11 @@ KNOB_COLUMNS = ("optim.weight_decay", "temperature", "grad_clip", "augment.stren
 
 
 def _plot(curves: Mapping[str, list[list[dict[str, float]]]], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    from cycdata.figures import pyplot, save_figure
+
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(8, 4.5))
     for group, runs in curves.items():
         accuracy = np.array([[row["test_accuracy"] for row in rows] for rows in runs]) * 100
@@ -279,9 +278,7 @@ def _plot(curves: Mapping[str, list[list[dict[str, float]]]], out: Path) -> None
     axis.set_ylabel("test accuracy % (mean ± std over seeds)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
-    figure.tight_layout()
-    figure.savefig(out / "accuracy.png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, out / "accuracy.png")
 
     present = [k for k in KNOB_COLUMNS if any(k in runs[0][0] for runs in curves.values())]
     if not present:
@@ -299,6 +296,4 @@ def _plot(curves: Mapping[str, list[list[dict[str, float]]]], out: Path) -> None
     for axis in list(axes.flat)[len(present) :]:
         axis.set_visible(False)
     axes.flat[0].legend(fontsize=6)
-    figure.tight_layout()
-    figure.savefig(out / "knobs.png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, out / "knobs.png")

@@ -116,10 +116,7 @@ class RunLogger:
         temporary.replace(self.folder / "metrics.csv")
 
     def _plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from cycdata.figures import pyplot, save_figure
 
         epochs = [row["epoch"] for row in self.history]
         groups = {
@@ -130,7 +127,7 @@ class RunLogger:
             panels = [panel for panel in panels if any(name in self.history[-1] for name in panel)]
             if not panels:
                 continue
-            figure, axes = plt.subplots(len(panels), 1, figsize=(7, 2.3 * len(panels)), squeeze=False)
+            figure, axes = pyplot().subplots(len(panels), 1, figsize=(7, 2.3 * len(panels)), squeeze=False)
             for axis, panel in zip(axes[:, 0], panels):
                 for name in panel:
                     if name in self.history[-1]:
@@ -144,6 +141,4 @@ class RunLogger:
                 axis.legend(loc="best", fontsize=8)
                 axis.grid(alpha=0.3)
             axes[-1, 0].set_xlabel("epoch")
-            figure.tight_layout()
-            figure.savefig(self.folder / filename, dpi=100)
-            plt.close(figure)
+            save_figure(figure, self.folder / filename, dpi=100)

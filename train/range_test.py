@@ -399,12 +399,9 @@ def range_test(config: RunConfig, knob: str, *, low: float | None = None, high: 
 
 def plot_range(result: RangeResult, path: str | Path) -> Path:
     """Loss (raw and smoothed) and held-out accuracy against the knob, the suggested ends marked."""
-    import matplotlib
+    from cycdata.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(8, 4.5))
+    figure, axis = pyplot().subplots(figsize=(8, 4.5))
     finite = [(v, loss) for v, loss in zip(result.values, result.losses) if math.isfinite(loss)]
     axis.plot([v for v, _ in finite], [loss for _, loss in finite], color="tab:blue", alpha=0.3, label="loss")
     axis.plot(result.values, result.smoothed, color="tab:blue", label="smoothed loss")
@@ -424,9 +421,4 @@ def plot_range(result: RangeResult, path: str | Path) -> Path:
     lines = axis.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     axis.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="best")
     axis.set_title(f"range test: {result.knob}")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
