@@ -22,6 +22,8 @@ from cycdata.loaders.datasets import DatasetError
 from cycdata.loaders.ffcv_loader import FFCVMissingError
 from cycdata.plan import Plan
 from cycdata.train.checkpoint import CheckpointError
+from cycdata.train.experiment import SUITES, load_suite, results_table, run_suite
+from cycdata.train.range_test import KNOB_SPECS, STEP_RULES, plot_range, range_test
 
 __all__ = ["main"]
 
@@ -184,8 +186,6 @@ def _command_convert(args: argparse.Namespace) -> int:
 
 
 def _command_experiment(args: argparse.Namespace) -> int:
-    from cycdata.train.experiment import load_suite, results_table, run_suite
-
     if args.seeds is not None and args.seeds < 1:
         raise ConfigError("--seeds", f"got {args.seeds}; give an integer >= 1")
     suite = load_suite(args.suite)  # every variant is validated before the first run starts
@@ -197,8 +197,6 @@ def _command_experiment(args: argparse.Namespace) -> int:
 
 
 def _command_range_test(args: argparse.Namespace) -> int:
-    from cycdata.train.range_test import plot_range, range_test
-
     config_path, overrides = _split_config_and_overrides(args.items)
     config = load_config(config_path, overrides)
     out = Path(args.out or f"runs/range-test-{args.knob}")
@@ -262,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     experiment = commands.add_parser(
         "experiment", help="run a suite of configs x seeds (resumable) and summarise mean ± std and 95% intervals")
-    experiment.add_argument("suite", metavar="SUITE", help="a built-in suite (optimizer, factor, data, range, "
-                            "range-recipe, smoke) or a suite .yaml file")
+    experiment.add_argument("suite", metavar="SUITE", help=f"a built-in suite ({', '.join(SUITES)}) or a suite "
+                            ".yaml file")
     experiment.add_argument("--seeds", type=int, help="seeds per variant (default: the suite's)")
     experiment.add_argument("--epochs", type=int, help="override every variant's epochs (a quick look)")
     experiment.add_argument("--out", metavar="DIR", help="suite folder (default runs/experiment-SUITE); an "
@@ -272,13 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ranges = commands.add_parser(
         "range-test", help="sweep one knob low to high in a short run and suggest its easy and hard ends")
-    ranges.add_argument("knob", metavar="KNOB", help="optim.lr, optim.weight_decay, optim.momentum, temperature, "
-                        "grad_clip, augment.strength or data.batch_size")
+    ranges.add_argument("knob", metavar="KNOB", help=", ".join(KNOB_SPECS))
     ranges.add_argument("items", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help="the run's config and overrides")
     ranges.add_argument("--low", type=float, help="sweep start (default: per knob)")
     ranges.add_argument("--high", type=float, help="sweep end (default: per knob)")
     ranges.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
-    ranges.add_argument("--rule", choices=("classic", "steepest"), default="classic",
+    ranges.add_argument("--rule", choices=STEP_RULES, default=STEP_RULES[0],
                         help="a step-size knob's easy end: where the loss starts to fall (classic, default) or "
                         "where it falls fastest (steepest)")
     ranges.add_argument("--out", metavar="DIR", help="where the plot and JSON go (default runs/range-test-KNOB)")
