@@ -388,11 +388,10 @@ def range_test(config: RunConfig, knob: str, *, low: float | None = None, high: 
             losses.append(loss if math.isfinite(loss) else math.inf)
             if (index + 1) % every == 0 or index == steps - 1:
                 probed.append((index, probe.accuracy(model, normalize)))
-            current = smooth(losses)
-            if not math.isfinite(losses[-1]) or (index > steps // 10 and current[-1] > DIVERGENCE * min(current)):
+            smoothed = smooth(losses)
+            if not math.isfinite(losses[-1]) or (index > steps // 10 and smoothed[-1] > DIVERGENCE * min(smoothed)):
                 stopped = True
                 break
-        smoothed = smooth(losses)
     easy, hard, text = suggest_ends(knob, values, smoothed, probed or [(len(values) - 1, 0.0)], rule)
     return RangeResult(knob, values, losses, smoothed, probed, easy, hard, text, stopped)
 

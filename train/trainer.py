@@ -132,9 +132,9 @@ def build_optimizer(model: nn.Module, config: RunConfig, plan: Plan) -> torch.op
     """timm's optimizer factory: biases and norms go to a no-decay group, the rest to the decay group."""
     import timm.optim
 
-    knob = plan.knob("optim.weight_decay")
-    start = max(knob.ends) if knob.ends else float(plan.at(0)["optim.weight_decay"])
     first = plan.at(0)
+    knob = plan.knob("optim.weight_decay")
+    start = max(knob.ends) if knob.ends else float(first["optim.weight_decay"])
     momentum = float(first.get("optim.momentum", plan.momentum))
     options: dict[str, Any] = {"momentum": momentum}
     name = config.optim.name
