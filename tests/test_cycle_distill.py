@@ -207,3 +207,17 @@ def test_bad_teachers_fail_before_training(tmp_path: Path) -> None:
         assert result.returncode == 2, result.stderr
         assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_every_plan_knob_is_logged_and_plotted_as_a_knob() -> None:
+    """The run logger's knob panels and the progress line pick knobs by KNOB_PREFIXES: none may be missed."""
+    from cycdata.config import parse_config
+    from cycdata.plan import Plan
+    from cycdata.train.metrics import KNOB_PREFIXES
+
+    config = parse_config({"optim": {"momentum": {"easy": 0.85, "hard": 0.95}},
+                           "self_paced": {"keep": {"easy": 0.5, "hard": 1.0}},
+                           "semi_supervised": {"labeled": 100}, "distill": {"teacher": "runs/teacher"}})
+    names = Plan.from_config(config).names
+    assert {"distill.temperature", "distill.weight", "optim.momentum"} <= set(names)
+    assert [name for name in names if not name.startswith(KNOB_PREFIXES)] == []

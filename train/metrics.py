@@ -25,7 +25,8 @@ from torch import Tensor
 __all__ = ["KNOB_PREFIXES", "EvalAccumulator", "RunLogger"]
 
 #: Dotted-name prefixes of the knobs in a metrics row (the rest are metrics).
-KNOB_PREFIXES = ("optim.", "data.", "temperature", "grad_clip", "loss.", "augment.", "self_paced.", "semi_supervised.")
+KNOB_PREFIXES = ("optim.", "data.", "temperature", "grad_clip", "loss.", "augment.", "self_paced.", "semi_supervised.",
+                 "distill.")
 
 
 class EvalAccumulator:
