@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from loader_throughput import run_epoch  # the same timed loop (benchmarks run as scripts from this folder)
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import decode_jpeg, encode_jpeg
 
@@ -80,17 +81,6 @@ class TensorIndexing:
 def plain_dataloader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                       persistent_workers=workers > 0)
-
-
-def run_epoch(loader: Any, record: bool) -> tuple[int, float]:
-    started = time.perf_counter()
-    count = 0
-    for images, labels in loader:
-        losses = images[:, 0, 0, :].float().mean(dim=1)  # a stand-in per-sample loss, on both sides
-        if record:
-            loader.record_loss(losses)
-        count += len(labels)
-    return count, time.perf_counter() - started
 
 
 def measure_path(plain: Any, off: Any | None, on: Any | None, repeats: int) -> dict[str, float]:
