@@ -13,21 +13,24 @@ Example:
 
 from __future__ import annotations
 
-import collections
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cycdata.clock import Clock
 from cycdata.ledger import LossLedger
-from cycdata.schedules import Schedule, as_schedule
-from cycdata.selection import select
+from cycdata.schedules import as_schedule
+from cycdata.selection import fraction_count, select
 
-__all__ = ["CyclicalBatchSampler", "EpochPlan", "IndexStream", "SemiSupervisedBatchSampler", "ShuffledBatchSampler",
-           "epoch_generator"]
+if TYPE_CHECKING:
+    from cycdata.plan import Plan
+
+__all__ = ["DATA_KNOBS", "CyclicalBatchSampler", "DataKnobs", "EpochPlan", "IndexStream", "PlannedBatch",
+           "SemiSupervisedBatchSampler", "ShuffledBatchSampler", "batch_count", "data_knobs", "data_plan", "epoch_generator",
+           "kept_count"]
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
@@ -116,7 +119,11 @@ class ShuffledBatchSampler:
 
 
 def default_rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Rank and world size from the arguments, else from the initialised process group, else (0, 1)."""
+    """Rank and world size from the arguments, else from the initialised process group, else (0, 1).
+
+    Samplers call it when an epoch is planned, not when they are built, so a loader built before
+    ``init_process_group`` still takes its rank's share.
+    """
     if rank is not None and world_size is not None:
         return rank, world_size
     import torch.distributed as dist
@@ -125,6 +132,103 @@ def default_rank_and_world(rank: int | None, world_size: int | None) -> tuple[in
         world = dist.get_world_size() if world_size is None else world_size
         return (dist.get_rank() if rank is None else rank), world
     return (rank or 0), (world_size or 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The data side of a plan: every data knob is evaluated here, once per epoch (or batch)
+# --------------------------------------------------------------------------------------------
+
+#: The knobs the data side reads from a :class:`~cycdata.plan.Plan`.
+DATA_KNOBS = ("data.batch_size", "self_paced.keep", "self_paced.threshold", "augment.strength",
+              "semi_supervised.ratio")
+
+
+@dataclass(frozen=True)
+class DataKnobs:
+    """The data-side knobs at one point of the run (None: the knob is not in the plan).
+
+    Attributes:
+        batch_size: samples per batch on each rank (labeled samples in semi-supervised mode).
+        keep: the self-paced kept fraction, in (0, 1].
+        threshold: the self-paced absolute loss threshold.
+        strength: the augmentation strength, in [0, 1].
+        ratio: unlabeled samples per labeled one (semi-supervised), >= 0.
+    """
+
+    batch_size: int
+    keep: float | None = None
+    threshold: float | None = None
+    strength: float | None = None
+    ratio: float | None = None
+
+
+def data_knobs(plan: Plan, epoch: int, fraction: float = 0.0) -> DataKnobs:
+    """The data-side knobs of ``plan`` at ``epoch`` after ``fraction`` of its samples.
+
+    Epochs past the plan's last hold the last epoch's values (a loop that runs longer than the
+    ``epochs`` the loader was built for keeps training at the end of the cycle).
+
+    Example:
+        >>> from cycdata.schedules import Cyclical
+        >>> plan = data_plan(5, batch_size=Cyclical(256, 64), keep=Cyclical(0.5, 1.0))
+        >>> [data_knobs(plan, e).batch_size for e in range(5)], data_knobs(plan, 2).keep
+        ([256, 160, 64, 160, 256], 1.0)
+    """
+    if epoch >= plan.epochs:
+        epoch, fraction = plan.epochs - 1, 0.0
+    values = {knob.name: knob.value(plan.clock, epoch, fraction) for knob in plan.knobs if knob.name in DATA_KNOBS}
+    if "data.batch_size" not in values:
+        raise ValueError("the plan has no data.batch_size knob; build it with Plan.from_config or data_plan")
+    batch_size = int(values["data.batch_size"])
+    if batch_size < 1:
+        raise ValueError(f"the batch-size schedule gives {batch_size} at epoch {epoch}; it must stay >= 1")
+
+    def value(name: str, low: float, high: float) -> float | None:
+        return None if name not in values else min(high, max(low, float(values[name])))
+
+    return DataKnobs(batch_size=batch_size, keep=value("self_paced.keep", 1e-9, 1.0),
+                     threshold=value("self_paced.threshold", -math.inf, math.inf),
+                     strength=value("augment.strength", 0.0, 1.0), ratio=value("semi_supervised.ratio", 0.0, math.inf))
+
+
+def data_plan(epochs: int, *, batch_size: Any, keep: Any = None, threshold: Any = None, strength: Any = None,
+              unlabeled_ratio: Any = None, factor: float = 2.0, schedule_unit: str = "epoch",
+              normalization: str = "reference", cycle: tuple[float, float] = (0.0, 1.0)) -> Plan:
+    """A plan of data knobs only, from the drop-in loader's arguments (numbers, mappings or schedules).
+
+    Example:
+        >>> data_plan(3, batch_size={"easy": 64, "hard": 16}).names
+        ('data.batch_size',)
+    """
+    from cycdata.plan import Knob
+    from cycdata.plan import Plan as _Plan
+
+    clock = Clock(epochs, unit=schedule_unit, normalization=normalization,  # type: ignore[arg-type]
+                  start=cycle[0], end=cycle[1])
+    given = {"data.batch_size": batch_size, "self_paced.keep": keep, "self_paced.threshold": threshold,
+             "augment.strength": strength, "semi_supervised.ratio": unlabeled_ratio}
+    knobs = tuple(Knob(name, as_schedule(value, factor), integer=name == "data.batch_size")
+                  for name, value in given.items() if value is not None)
+    return _Plan(clock=clock, knobs=knobs)
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """One batch as the sampler planned it. It travels with the batch, so what a loss is credited to
+    never depends on the order in which workers or prefetching deliver batches.
+
+    Attributes:
+        epoch: the epoch; number: the batch's position in it.
+        indices: the dataset indices (int64, on the CPU), labeled ones first.
+        labeled: how many of ``indices`` are labeled (all of them outside semi-supervised mode).
+        strength: the augmentation strength of the batch (0 without an ``augment.strength`` knob).
+    """
+
+    epoch: int
+    number: int
+    indices: torch.Tensor
+    labeled: int
+    strength: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -140,6 +244,7 @@ class EpochPlan:
         kept: samples selected for the epoch (over all ranks, before padding).
         threshold: the self-paced loss threshold in effect (nan without self-paced selection).
         unseen: never-scored samples admitted; refreshed: stale samples re-admitted.
+        strength: the augmentation strength at the epoch's start (0 without the knob).
     """
 
     epoch: int
@@ -150,87 +255,101 @@ class EpochPlan:
     threshold: float = math.nan
     unseen: int = 0
     refreshed: int = 0
+    strength: float = 0.0
 
     def num_batches(self, drop_last: bool = False) -> int:
-        count = len(self.order)
-        return count // self.batch_size if drop_last else math.ceil(count / self.batch_size)
+        return batch_count(len(self.order), self.batch_size, drop_last)
+
+
+def batch_count(samples: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches of ``batch_size`` over ``samples`` (the last one partial unless dropped).
+
+    Example:
+        >>> batch_count(10, 4), batch_count(10, 4, drop_last=True)
+        (3, 2)
+    """
+    return samples // batch_size if drop_last else math.ceil(samples / batch_size)
+
+
+def kept_count(size: int, keep: float, labels: torch.Tensor | None = None) -> int:
+    """Samples a keep-mode selection takes: ``ceil(keep·N)``, or ``Σ ceil(keep·n_c)`` per class.
+
+    Known before any loss is recorded, so every epoch's length (and the run's step count) is too.
+
+    Example:
+        >>> kept_count(10, 0.25), kept_count(10, 0.25, torch.tensor([0] * 5 + [1] * 5))
+        (3, 4)
+    """
+    if labels is None:
+        return fraction_count(keep, size, round_up=True)
+    _, counts = torch.unique(labels, return_counts=True)
+    return sum(fraction_count(keep, int(count), round_up=True) for count in counts.tolist())
 
 
 class CyclicalBatchSampler:
-    """A batch sampler whose batch size and sample selection follow cyclical schedules.
+    """A batch sampler whose batch size and sample selection follow the data knobs of a plan.
 
-    Each epoch (in the main process, before any index reaches a worker): the batch size is
-    ``round(batch_size(t))``; with self-paced selection (``keep`` or ``threshold``) the samples are
-    chosen from the loss ledger by :func:`cycdata.selection.select` (unseen samples first, a refresh
-    share of stale ones); the kept set is shuffled with a generator seeded from (seed, epoch) and
-    split across ranks. Every rank derives the same selection, batch size and batch count.
+    Each epoch (in the main process, before any index reaches a worker): the batch size is the
+    plan's ``data.batch_size``; with self-paced selection (a ``self_paced.keep`` or
+    ``self_paced.threshold`` knob) the samples are chosen from the loss ledger by
+    :func:`cycdata.selection.select` (unseen samples first, a refresh share of stale ones); the kept
+    set is shuffled with a generator seeded from (seed, epoch) (or kept in index order with
+    ``shuffle=False``) and split across ranks. Every rank derives the same selection, batch size and
+    batch count. When the kept count does not divide by the world size, the first samples of the
+    epoch's order are repeated at the end so that every rank has as many (as ``DistributedSampler``
+    does): at most ``world_size − 1`` samples appear twice.
 
     Args:
         size: dataset length.
-        clock: the run's clock (maps the epoch to progress t).
-        batch_size: schedule of the per-rank batch size.
-        keep: schedule of the kept fraction in (0, 1], or None.
-        threshold: schedule of an absolute loss threshold, or None (exclusive with ``keep``).
+        plan: the run's plan (its data knobs; see :func:`data_knobs`).
+        select_samples: whether to apply the plan's self-paced knob (default: when it has one).
         weighting: ``hard``, ``linear``, ``log`` or ``mixture`` (SPEC.md §10).
-        labels: per-sample labels for per-class selection (``per_class``), or None.
+        labels: per-sample labels for per-class selection, or None.
         ledger: the loss ledger; created on demand when selection is on.
         refresh_fraction: share of excluded samples re-admitted each epoch to refresh their loss.
-        seed, rank, world_size, drop_last: as for ``torch.utils.data.DistributedSampler``.
+        seed, shuffle, rank, world_size, drop_last: as for ``torch.utils.data.DistributedSampler``;
+            rank and world size default to the process group's when an epoch is planned.
 
     Example:
-        >>> from cycdata.clock import Clock
         >>> from cycdata.schedules import Cyclical
-        >>> sampler = CyclicalBatchSampler(1000, clock=Clock(5), batch_size=Cyclical(256, 64))
-        >>> [sampler.plan(e).batch_size for e in range(5)]
-        [256, 160, 64, 160, 256]
-        >>> sampler.set_epoch(2); len(sampler)
-        16
+        >>> sampler = CyclicalBatchSampler(1000, plan=data_plan(5, batch_size=Cyclical(256, 64)))
+        >>> [sampler.epoch_plan(e).batch_size for e in range(5)], sampler.num_batches(2)
+        ([256, 160, 64, 160, 256], 16)
     """
 
-    def __init__(self, size: int, *, clock: Clock, batch_size: Schedule | int, keep: Schedule | None = None,
-                 threshold: Schedule | None = None, weighting: str = "hard", labels: torch.Tensor | None = None,
-                 ledger: LossLedger | None = None, refresh_fraction: float = 0.05, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False) -> None:
+    def __init__(self, size: int, *, plan: Plan, select_samples: bool | None = None, weighting: str = "hard",
+                 labels: torch.Tensor | None = None, ledger: LossLedger | None = None,
+                 refresh_fraction: float = 0.05, seed: int = 0, shuffle: bool = True, rank: int | None = None,
+                 world_size: int | None = None, drop_last: bool = False) -> None:
         if size <= 0:
             raise ValueError(f"need a non-empty dataset, got size={size}")
-        if keep is not None and threshold is not None:
+        names = set(plan.names)
+        if {"self_paced.keep", "self_paced.threshold"} <= names:
             raise ValueError("give at most one of keep (a kept fraction) and threshold (a loss value)")
         self.size = size
-        self.clock = clock
-        self.batch_size = as_schedule(batch_size)
-        self.keep = keep
-        self.threshold = threshold
+        self.plan = plan
+        has_knob = bool(names & {"self_paced.keep", "self_paced.threshold"})
+        self.selecting = has_knob if select_samples is None else bool(select_samples and has_knob)
         self.weighting = weighting
         self.labels = labels
         self.refresh_fraction = refresh_fraction
         self.seed = seed
-        self.rank, self.world_size = default_rank_and_world(rank, world_size)
+        self.shuffle = shuffle
+        self.rank_arg, self.world_size_arg = rank, world_size
         self.drop_last = drop_last
-        self.selecting = keep is not None or threshold is not None
         self.ledger = ledger if ledger is not None or not self.selecting else LossLedger(size)
-        self.epoch = 0
         self._plans: dict[int, EpochPlan] = {}
-        self._skip = 0
-        self.yielded: collections.deque[list[int]] = collections.deque()
+        self._skip: dict[int, int] = {}
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def knobs(self, epoch: int, fraction: float = 0.0) -> DataKnobs:
+        return data_knobs(self.plan, epoch, fraction)
 
-    def batch_size_at(self, epoch: int) -> int:
-        value = round(self.batch_size(self.clock.progress(epoch)))
-        if value < 1:
-            raise ValueError(f"the batch-size schedule gives {value} at epoch {epoch}; it must stay >= 1")
-        return value
-
-    def _select(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    def _select(self, epoch: int, knobs: DataKnobs) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
         if not self.selecting:
             return torch.arange(self.size), None, {"kept": self.size}
         assert self.ledger is not None
-        t = self.clock.progress(epoch)
-        keep = None if self.keep is None else min(1.0, max(1e-9, float(self.keep(t))))
-        threshold = None if self.threshold is None else float(self.threshold(t))
         selection = select(
-            self.ledger.losses.cpu(), self.ledger.seen.cpu(), keep=keep, threshold=threshold,
+            self.ledger.losses.cpu(), self.ledger.seen.cpu(), keep=knobs.keep, threshold=knobs.threshold,
             weighting=self.weighting, labels=self.labels, refresh_fraction=self.refresh_fraction,
             generator=epoch_generator(self.seed, epoch, stream=1))
         weights = None
@@ -241,44 +360,65 @@ class CyclicalBatchSampler:
                  "refreshed": selection.refreshed}
         return selection.indices, weights, stats
 
-    def plan(self, epoch: int) -> EpochPlan:
-        """The epoch's plan, computed once (from the ledger as it stands) and then fixed."""
+    def planned(self, epoch: int) -> bool:
+        """Whether ``epoch``'s plan is fixed already."""
+        return epoch in self._plans
+
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        """The epoch's plan, computed once (from the ledger as it stands: apply pending records first) and then fixed."""
         if epoch not in self._plans:
-            selected, weights, stats = self._select(epoch)
-            shuffled = selected[torch.randperm(len(selected), generator=epoch_generator(self.seed, epoch))]
-            per_rank = math.ceil(len(shuffled) / self.world_size)
-            padded = torch.cat([shuffled, shuffled[: per_rank * self.world_size - len(shuffled)]])
-            self._plans = {epoch: EpochPlan(epoch=epoch, batch_size=self.batch_size_at(epoch),
-                                            order=padded[self.rank :: self.world_size], weights=weights, **stats)}
+            knobs = self.knobs(epoch)
+            selected, weights, stats = self._select(epoch, knobs)
+            if self.shuffle:
+                selected = selected[torch.randperm(len(selected), generator=epoch_generator(self.seed, epoch))]
+            rank, world_size = default_rank_and_world(self.rank_arg, self.world_size_arg)
+            per_rank = math.ceil(len(selected) / world_size)
+            padded = torch.cat([selected, selected[: per_rank * world_size - len(selected)]])
+            # The running epoch's plan stays beside the next one (its weights are still being read).
+            self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}
+            self._plans[epoch] = EpochPlan(epoch=epoch, batch_size=knobs.batch_size, order=padded[rank::world_size],
+                                           weights=weights, strength=knobs.strength or 0.0, **stats)
         return self._plans[epoch]
 
+    def reseed(self, seed: int) -> None:
+        """Use ``seed`` for every epoch not planned yet."""
+        self.seed = seed
+
     def restore_plan(self, plan: EpochPlan, skip_batches: int) -> None:
-        """Resume inside an epoch: use ``plan`` and start the next iteration after ``skip_batches``."""
+        """Resume inside an epoch: use ``plan`` and start its next iteration after ``skip_batches``."""
         self._plans = {plan.epoch: plan}
-        self.epoch = plan.epoch
-        self._skip = skip_batches
+        self._skip = {plan.epoch: skip_batches}
 
-    @property
-    def samples_per_epoch(self) -> int:
-        """This rank's samples in the current epoch (what the per-step clock divides by)."""
-        return len(self.plan(self.epoch).order)
+    def samples(self, epoch: int) -> int | None:
+        """This rank's samples in ``epoch`` (None when a threshold makes it depend on the losses)."""
+        if epoch in self._plans:
+            return len(self._plans[epoch].order)
+        knobs = self.knobs(epoch)
+        if self.selecting and knobs.keep is None:
+            return None
+        kept = kept_count(self.size, knobs.keep, self.labels) if self.selecting else self.size  # type: ignore[arg-type]
+        _, world_size = default_rank_and_world(self.rank_arg, self.world_size_arg)
+        return math.ceil(kept / world_size)
 
-    def __len__(self) -> int:
-        return self.plan(self.epoch).num_batches(self.drop_last)
+    def num_batches(self, epoch: int) -> int:
+        """Batches in ``epoch``; known up front except in threshold mode (then the epoch is planned)."""
+        samples = self.samples(epoch)
+        if samples is None:
+            return self.epoch_plan(epoch).num_batches(self.drop_last)
+        return batch_count(samples, self.knobs(epoch).batch_size, self.drop_last)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return self.batches(as_tensors=False)  # type: ignore[return-value]
-
-    def batches(self, as_tensors: bool = True) -> Iterator[list[int] | torch.Tensor]:
-        """The epoch's batches; as int64 tensors (for loaders that index tensors) or lists (DataLoader)."""
-        plan = self.plan(self.epoch)
-        order = plan.order if as_tensors else plan.order.tolist()
-        skip, self._skip = self._skip, 0
-        self.yielded.clear()
+    def batches(self, epoch: int) -> Iterator[PlannedBatch]:
+        """The epoch's batches (after a mid-epoch restore: the ones not yet consumed)."""
+        plan = self.epoch_plan(epoch)
+        skip = self._skip.pop(epoch, 0)
+        per_step = self.plan.clock.unit == "step" and "augment.strength" in self.plan.names
         for number in range(skip, plan.num_batches(self.drop_last)):
-            batch = order[number * plan.batch_size : (number + 1) * plan.batch_size]
-            self.yielded.append(batch)  # the loader pops these as the DataLoader hands batches over
-            yield batch
+            indices = plan.order[number * plan.batch_size : (number + 1) * plan.batch_size]
+            strength = plan.strength
+            if per_step:  # the strength moves inside the epoch by the share of its samples already seen
+                fraction = min(1.0, number * plan.batch_size / max(1, len(plan.order)))
+                strength = self.knobs(epoch, fraction).strength or 0.0
+            yield PlannedBatch(epoch, number, indices, len(indices), strength)
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,79 +479,94 @@ class IndexStream:
 
 
 class SemiSupervisedBatchSampler:
-    """Each step: a labeled batch of ``batch_size(t)`` followed by ``round(ratio(t)·batch)`` unlabeled
-    indices. An epoch has as many steps as a supervised epoch over all the training data would.
-
-    The loader reads ``labeled_counts`` to split each yielded batch into its two parts.
+    """Each step: a labeled batch of ``data.batch_size`` followed by ``round(ratio·batch)`` unlabeled
+    indices (the plan's ``semi_supervised.ratio``). An epoch has as many steps as a supervised epoch
+    over all the training data would; each :class:`PlannedBatch` says how many of its indices are labeled.
 
     Example:
-        >>> from cycdata.clock import Clock
         >>> from cycdata.schedules import Cyclical
-        >>> sampler = SemiSupervisedBatchSampler(torch.arange(10), torch.arange(10, 100), clock=Clock(3),
-        ...                                      batch_size=10, ratio=Cyclical(0.0, 2.0))
-        >>> sampler.set_epoch(1)
-        >>> [len(batch) for batch in sampler]
-        [30, 30, 30, 30, 30, 30, 30, 30, 30, 30]
+        >>> plan = data_plan(3, batch_size=10, unlabeled_ratio=Cyclical(0.0, 2.0))
+        >>> sampler = SemiSupervisedBatchSampler(torch.arange(10), torch.arange(10, 100), plan=plan)
+        >>> [(len(batch.indices), batch.labeled) for batch in sampler.batches(1)][:2]
+        [(30, 10), (30, 10)]
     """
 
-    def __init__(self, labeled: torch.Tensor, unlabeled: torch.Tensor, *, clock: Clock, batch_size: Schedule | int,
-                 ratio: Schedule | float, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None) -> None:
-        self.clock = clock
-        self.batch_size = as_schedule(batch_size)
-        self.ratio = as_schedule(ratio)
+    def __init__(self, labeled: torch.Tensor, unlabeled: torch.Tensor, *, plan: Plan, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None) -> None:
+        if "semi_supervised.ratio" not in plan.names:
+            raise ValueError("semi-supervised batches need a semi_supervised.ratio knob (unlabeled_ratio=)")
+        self.plan = plan
+        self.labeled_pool, self.unlabeled_pool = labeled, unlabeled
         self.seed = seed
-        self.rank, self.world_size = default_rank_and_world(rank, world_size)
-        self.labeled = IndexStream(labeled, seed=seed, stream=2, rank=self.rank, world_size=self.world_size)
-        self.unlabeled = IndexStream(unlabeled, seed=seed, stream=3, rank=self.rank, world_size=self.world_size)
+        self.rank_arg, self.world_size_arg = rank, world_size
         self.total = len(labeled) + len(unlabeled)
-        self.epoch = 0
+        self._streams: tuple[IndexStream, IndexStream] | None = None
+        self._restored: dict[str, Any] | None = None
         self._skip = 0
-        self.yielded: collections.deque[list[int]] = collections.deque()
-        self.labeled_counts: collections.deque[int] = collections.deque()
+        self.epoch_start_state: dict[str, Any] | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def batch_size_at(self, epoch: int) -> int:
-        return max(1, round(self.batch_size(self.clock.progress(epoch))))
-
-    def ratio_at(self, epoch: int, fraction: float = 0.0) -> float:
-        return max(0.0, float(self.ratio(self.clock.progress(epoch, fraction))))
-
-    def __len__(self) -> int:
-        return math.ceil(self.total / (self.batch_size_at(self.epoch) * self.world_size))
+    def _make_streams(self) -> tuple[IndexStream, IndexStream]:
+        if self._streams is None:  # made at the first epoch, once the process group (if any) is up
+            rank, world_size = default_rank_and_world(self.rank_arg, self.world_size_arg)
+            self._streams = (IndexStream(self.labeled_pool, seed=self.seed, stream=2, rank=rank, world_size=world_size),
+                             IndexStream(self.unlabeled_pool, seed=self.seed, stream=3, rank=rank,
+                                         world_size=world_size))
+            if self._restored is not None:
+                self._streams[0].load_state_dict(self._restored["labeled"])
+                self._streams[1].load_state_dict(self._restored["unlabeled"])
+                self._restored = None
+        return self._streams
 
     @property
-    def samples_per_epoch(self) -> int:
-        return len(self) * self.batch_size_at(self.epoch)
+    def labeled(self) -> IndexStream:
+        return self._make_streams()[0]
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return self.batches(as_tensors=False)  # type: ignore[return-value]
+    @property
+    def unlabeled(self) -> IndexStream:
+        return self._make_streams()[1]
 
-    def batches(self, as_tensors: bool = True) -> Iterator[list[int] | torch.Tensor]:
-        """The epoch's batches (labeled part first); as int64 tensors or lists (DataLoader)."""
-        batch_size, steps = self.batch_size_at(self.epoch), len(self)
+    def knobs(self, epoch: int, fraction: float = 0.0) -> DataKnobs:
+        return data_knobs(self.plan, epoch, fraction)
+
+    def reseed(self, seed: int) -> None:
+        """Use ``seed`` for the streams (they restart from the state they had)."""
+        if self._streams is not None and seed != self.seed:
+            self._restored, self._streams = self.state_dict(), None
+        self.seed = seed
+
+    def num_batches(self, epoch: int) -> int:
+        _, world_size = default_rank_and_world(self.rank_arg, self.world_size_arg)
+        return math.ceil(self.total / (self.knobs(epoch).batch_size * world_size))
+
+    def samples(self, epoch: int) -> int:
+        """Labeled samples this rank trains on in ``epoch``."""
+        return self.num_batches(epoch) * self.knobs(epoch).batch_size
+
+    def batches(self, epoch: int) -> Iterator[PlannedBatch]:
+        """The epoch's batches, labeled part first (after a mid-epoch restore: the ones not yet consumed)."""
+        labeled_stream, unlabeled_stream = self._make_streams()
+        knobs, steps = self.knobs(epoch), self.num_batches(epoch)
+        per_step = self.plan.clock.unit == "step"
         skip, self._skip = self._skip, 0
         self.epoch_start_state = self.state_dict()  # what a mid-epoch resume replays from
-        self.yielded.clear()
-        self.labeled_counts.clear()
         for step in range(steps):
-            labeled = self.labeled.take(batch_size)
-            unlabeled = self.unlabeled.take(round(self.ratio_at(self.epoch, step / steps) * batch_size))
+            now = self.knobs(epoch, step / steps) if per_step else knobs
+            labeled = labeled_stream.take(knobs.batch_size)
+            unlabeled = unlabeled_stream.take(round((now.ratio or 0.0) * knobs.batch_size))
             if step < skip:  # replaying the batches consumed before the resume, to restore the streams
                 continue
-            batch = torch.cat([labeled, unlabeled])
-            batch = batch if as_tensors else batch.tolist()
-            self.yielded.append(batch)
-            self.labeled_counts.append(len(labeled))
-            yield batch
+            yield PlannedBatch(epoch, step, torch.cat([labeled, unlabeled]), len(labeled), now.strength or 0.0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "labeled": self.labeled.state_dict(), "unlabeled": self.unlabeled.state_dict()}
+        if self._streams is None and self._restored is not None:
+            return self._restored
+        return {"labeled": self.labeled.state_dict(), "unlabeled": self.unlabeled.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], skip_batches: int = 0) -> None:
-        self.epoch = int(state["epoch"])
-        self.labeled.load_state_dict(state["labeled"])
-        self.unlabeled.load_state_dict(state["unlabeled"])
+        restored = {"labeled": state["labeled"], "unlabeled": state["unlabeled"]}
+        if self._streams is None:
+            self._restored = restored
+        else:
+            self._streams[0].load_state_dict(restored["labeled"])
+            self._streams[1].load_state_dict(restored["unlabeled"])
         self._skip = skip_batches

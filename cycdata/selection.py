@@ -135,13 +135,13 @@ def spl_weights(losses: Tensor, threshold: float, weighting: str = "hard", *, mi
 # --------------------------------------------------------------------------------------------
 
 
-def _fraction_count(fraction: float, total: int, *, round_up: bool) -> int:
+def fraction_count(fraction: float, total: int, *, round_up: bool) -> int:
     """``ceil`` (or ``floor``) of ``fraction·total``, reading ``fraction`` as the decimal it was written as.
 
     In binary floating point 0.7·10 is 7.000000000000001, whose ceiling is 8; users mean 7.
 
     Example:
-        >>> _fraction_count(0.7, 10, round_up=True), _fraction_count(0.29, 100, round_up=False)
+        >>> fraction_count(0.7, 10, round_up=True), fraction_count(0.29, 100, round_up=False)
         (7, 29)
     """
     exact = Fraction(repr(float(fraction))) * total
@@ -257,7 +257,7 @@ def loss_quantile(losses: Tensor, fraction: float) -> float:
     values = values[~values.isnan()]
     if values.numel() == 0:
         return math.nan
-    rank = max(1, _fraction_count(fraction, values.numel(), round_up=True))
+    rank = max(1, fraction_count(fraction, values.numel(), round_up=True))
     return _kth_smallest(values, [rank])[0]
 
 
@@ -316,7 +316,7 @@ def _keep_part(losses: Tensor, seen: Tensor, target: int, weighting: str, refres
         return Selection(indices, torch.ones(indices.numel(), device=losses.device), math.nan, indices.numel(), 0)
     seen_count = losses.numel() - unseen_count
     budget = target - unseen_count  # seen samples to admit
-    refresh = min(_fraction_count(refresh_fraction, seen_count - budget, round_up=False), budget)
+    refresh = min(fraction_count(refresh_fraction, seen_count - budget, round_up=False), budget)
     ranked = budget - refresh  # seen samples admitted by loss
     # Unseen entries rank last; seen losses are finite (checked by select).
     keys = losses if unseen_count == 0 else losses.masked_fill(unseen, math.inf)
@@ -349,7 +349,7 @@ def _threshold_part(losses: Tensor, seen: Tensor, threshold: float, weighting: s
     weights = spl_weights(losses.masked_fill(unseen, math.inf), threshold, weighting, mixture_ratio=mixture_ratio)
     by_weight = weights > 0
     excluded = seen & ~by_weight
-    refresh = _fraction_count(refresh_fraction, int(torch.count_nonzero(excluded)), round_up=False)
+    refresh = fraction_count(refresh_fraction, int(torch.count_nonzero(excluded)), round_up=False)
     refreshed = _random_subset(excluded, refresh, generator)
     indices = (by_weight | refreshed | unseen).nonzero().squeeze(1)
     chosen_weights = torch.where(by_weight[indices], weights[indices].float(), 1.0)
@@ -431,7 +431,7 @@ def select(losses: Tensor, seen: Tensor, *, keep: float | None = None, threshold
         return _threshold_part(losses, seen, threshold, weighting, refresh_fraction, mixture_ratio, generator)
     assert keep is not None
     if labels is None:
-        target = _fraction_count(keep, losses.numel(), round_up=True)
+        target = fraction_count(keep, losses.numel(), round_up=True)
         return _keep_part(losses, seen, target, weighting, refresh_fraction, mixture_ratio, generator)
     return _keep_per_class(losses, seen, keep, labels.to(losses.device), weighting, refresh_fraction,
                            mixture_ratio, generator)
@@ -444,7 +444,7 @@ def _keep_per_class(losses: Tensor, seen: Tensor, keep: float, labels: Tensor, w
     members = torch.argsort(labels, stable=True).split(counts.tolist())  # each class's indices, ascending
     parts = []
     for member in members:
-        target = _fraction_count(keep, member.numel(), round_up=True)
+        target = fraction_count(keep, member.numel(), round_up=True)
         part = _keep_part(losses[member], seen[member], target, weighting, refresh_fraction, mixture_ratio, generator)
         parts.append((member[part.indices], part))
     indices, order = torch.sort(torch.cat([global_indices for global_indices, _ in parts]))

@@ -1,40 +1,50 @@
-"""Batches of ``(images uint8 [B,C,H,W], labels int64 [B], indices int64 [B])`` from a batch sampler.
+"""``CyclicalLoader``, the drop-in DataLoader, and ``BatchLoader``, the evaluation loader.
 
-In-memory datasets (anything with ``images`` and ``labels`` tensors) are gathered by index in
-the main process: for data that fits in memory this beats per-sample worker processes. Other
-datasets go through a ``torch.utils.data.DataLoader`` whose batch sampler, living in the main
-process, decides the indices; each item comes back with its dataset index so per-sample losses
-can be mapped back.
+Both take their indices from a batch sampler that lives in the main process. cycdata's own in-memory
+datasets are gathered by index in the main process (for data that fits in memory this beats
+per-sample worker processes); every other dataset goes through a ``torch.utils.data.DataLoader``, its
+items fetched by its own ``__getitem__``, and each item comes back with its dataset index, so a
+per-sample loss is always credited to the sample it was computed on.
 
 Example:
     >>> import torch
+    >>> from cycdata.loaders.datasets import TensorImageDataset
     >>> from cycdata.samplers import ShuffledBatchSampler
-    >>> class Tiny:
-    ...     images = torch.zeros(6, 1, 4, 4, dtype=torch.uint8)
-    ...     labels = torch.arange(6)
-    ...     def __len__(self): return 6
-    >>> loader = BatchLoader(Tiny(), ShuffledBatchSampler(6, 4, shuffle=False))
+    >>> tiny = TensorImageDataset(torch.zeros(6, 1, 4, 4, dtype=torch.uint8), torch.arange(6))
+    >>> loader = BatchLoader(tiny, ShuffledBatchSampler(6, 4, shuffle=False))
     >>> [indices.tolist() for _, _, indices in loader]
     [[0, 1, 2, 3], [4, 5]]
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import os
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data._utils.collate import default_collate
 
-from cycdata.clock import Clock
 from cycdata.ledger import LossLedger
-from cycdata.samplers import CyclicalBatchSampler, EpochPlan, SemiSupervisedBatchSampler
-from cycdata.schedules import as_schedule
+from cycdata.plan import Plan
+from cycdata.samplers import (
+    CyclicalBatchSampler,
+    EpochPlan,
+    PlannedBatch,
+    SemiSupervisedBatchSampler,
+    data_plan,
+)
 
-__all__ = ["AugmentedDataset", "BatchLoader", "CyclicalLoader", "IndexedDataset", "choose_placement"]
+from cycdata.loaders.datasets import TensorImageDataset
+
+__all__ = ["AugmentedDataset", "BatchLoader", "CyclicalLoader", "IndexedDataset", "choose_placement",
+           "is_resident_dataset"]
 
 Batch = tuple[Tensor, Tensor, Tensor]
 
@@ -58,15 +68,20 @@ class IndexedDataset(Dataset):
         return image, label, index
 
 
-def _is_in_memory(dataset: object) -> bool:
-    return isinstance(getattr(dataset, "images", None), Tensor) and isinstance(getattr(dataset, "labels", None), Tensor)
+def is_resident_dataset(dataset: object) -> bool:
+    """Whether ``dataset`` is cycdata's own in-memory tensor dataset, safe to gather by index.
+
+    Only cycdata's own type: a user's dataset that happens to have ``images`` and ``labels`` tensors
+    still has a ``__getitem__`` (a transform, extra fields) that must not be bypassed.
+    """
+    return isinstance(dataset, TensorImageDataset)
 
 
 class BatchLoader(Iterable[Batch]):
     """Iterates one epoch of batches as chosen by ``batch_sampler``.
 
     Args:
-        dataset: ``(uint8 image, label)`` items, or an in-memory dataset with ``images``/``labels``.
+        dataset: ``(uint8 image, label)`` items, or cycdata's in-memory ``TensorImageDataset``.
         batch_sampler: yields lists of indices (call its ``set_epoch`` before each epoch).
         num_workers: worker processes for datasets that are not in memory.
         pin_memory: pin host batches for asynchronous copies to a GPU.
@@ -78,7 +93,7 @@ class BatchLoader(Iterable[Batch]):
         self.batch_sampler = batch_sampler
         self.pin_memory = pin_memory
         self._loader: DataLoader | None = None
-        if not _is_in_memory(dataset):
+        if not is_resident_dataset(dataset):
             self._loader = DataLoader(
                 IndexedDataset(dataset), batch_sampler=batch_sampler, num_workers=num_workers,  # type: ignore[arg-type]
                 pin_memory=pin_memory, persistent_workers=num_workers > 0,
@@ -101,7 +116,7 @@ class BatchLoader(Iterable[Batch]):
             yield batch_images, batch_labels, indices
 
 
-def _ladder_and_strength(ladder: Any, strength: Any, factor: float) -> tuple[Any, Any]:
+def _ladder_and_strength(ladder: Any, strength: Any) -> tuple[Any, Any]:
     if ladder is None:
         if strength is not None:
             raise ValueError("strength= needs a ladder= (a built-in name, a YAML file or a Ladder)")
@@ -109,16 +124,17 @@ def _ladder_and_strength(ladder: Any, strength: Any, factor: float) -> tuple[Any
     from cycdata.augment_ladder.ladder import Ladder, load_ladder
 
     resolved = ladder if isinstance(ladder, Ladder) else load_ladder(ladder)
-    return resolved, as_schedule({"easy": 0.0, "hard": 1.0} if strength is None else strength, factor)
+    return resolved, {"easy": 0.0, "hard": 1.0} if strength is None else strength
 
 
 def choose_placement(dataset: Any, placement: str, device: torch.device | str | None,
                      dataloader_kwargs: dict[str, Any], with_strength: bool = False) -> str:
     """Where batches come from: ``device`` (resident tensors), ``ffcv`` (.beton) or ``workers`` (DataLoader).
 
-    ``auto`` picks the fastest that fits: a dataset that fits in half the device's free memory lives
-    there whole (a .beton is decoded once for it); a .beton that does not is read by ffcv; anything
-    else goes through DataLoader workers.
+    ``auto`` picks the fastest that serves the dataset as it is: cycdata's own in-memory dataset that
+    fits in half the device's free memory lives there whole (a .beton is decoded once for it); a .beton
+    that does not is read by ffcv; anything else (every user dataset) goes through a DataLoader, so its
+    ``__getitem__`` runs. ``placement="device"`` asks for the resident path explicitly.
 
     Example:
         >>> import torch
@@ -138,8 +154,7 @@ def choose_placement(dataset: Any, placement: str, device: torch.device | str | 
     if placement == "auto":
         if beton:
             return "device" if fits_in_memory(dataset.image_bytes, target) else "ffcv"
-        in_memory = _is_in_memory(dataset)
-        if in_memory and not custom and dataloader_kwargs.get("num_workers", 0) == 0 and (
+        if is_resident_dataset(dataset) and not custom and dataloader_kwargs.get("num_workers", 0) == 0 and (
                 target.type == "cpu" or fits_in_memory(dataset.images.numel(), target)):
             return "device"
         return "workers"
@@ -154,152 +169,243 @@ def choose_placement(dataset: Any, placement: str, device: torch.device | str | 
 
 
 class AugmentedDataset(Dataset):
-    """Items ``(image, *rest)`` of ``dataset`` with the image augmented at the strength sent with the index.
+    """The user's dataset behind keys ``(index, ticket[, strength, seed])`` sent by the loader's sampler.
 
-    Indices arrive as ``(index, strength, seed)`` from the loader's batch sampler, in the worker.
+    Each item is fetched by the dataset's own ``__getitem__`` (or ``__getitems__``), augmented in the
+    worker at the strength sent with its index when there is a ladder, and comes back with its index
+    and its batch's ticket: what the loader hands out and what it credits losses to are one object.
     """
 
-    def __init__(self, dataset: Dataset, transform: Any, with_strength: bool = False) -> None:
+    def __init__(self, dataset: Dataset, transform: Any = None, with_strength: bool = False) -> None:
         self.dataset, self.transform, self.with_strength = dataset, transform, with_strength
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, float, int]) -> tuple[Any, ...]:
-        index, strength, seed = key
-        item = self.dataset[index]
-        image = item[0]
-        if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.dim() != 3:
-            raise TypeError("a ladder in CyclicalLoader needs items (image, ...) with a uint8 [C, H, W] tensor image; "
-                            f"got {type(image).__name__}; convert with torchvision.transforms.v2.PILToTensor()")
-        augmented = self.transform(image, strength, seed)
-        return (augmented, *item[1:], strength) if self.with_strength else (augmented, *item[1:])
+    def __getitem__(self, key: tuple[int, ...]) -> tuple[Any, int, int]:
+        return self._finish(self.dataset[key[0]], key)
+
+    def __getitems__(self, keys: list[tuple[int, ...]]) -> list[tuple[Any, int, int]]:
+        # A dataset with a batched fetch (Hugging Face datasets have one) keeps it.
+        fetch = getattr(self.dataset, "__getitems__", None)
+        items = fetch([key[0] for key in keys]) if fetch else [self.dataset[key[0]] for key in keys]
+        return [self._finish(item, key) for item, key in zip(items, keys)]
+
+    def _finish(self, item: Any, key: tuple[int, ...]) -> tuple[Any, int, int]:
+        index, ticket = key[0], key[1]
+        if self.transform is not None:
+            image = item[0]
+            if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.dim() != 3:
+                raise TypeError("a ladder in CyclicalLoader needs items (image, ...) with a uint8 [C, H, W] tensor "
+                                f"image; got {type(image).__name__}; convert with "
+                                "torchvision.transforms.v2.PILToTensor()")
+            strength, seed = key[2], key[3]
+            augmented = self.transform(image, strength, seed)
+            item = (augmented, *item[1:], strength) if self.with_strength else (augmented, *item[1:])
+        return item, index, ticket
 
 
-class _WithStrength:
-    """Wraps a batch sampler: each index leaves the main process with the epoch's strength and a seed."""
+class _CollateWithKeys:
+    """Collates the user's items with the user's ``collate_fn`` (default: DataLoader's) and keeps the
+    indices and the ticket beside them."""
 
-    def __init__(self, inner: Any, strength_at: Any, seed: int) -> None:
-        self.inner, self.strength_at, self.seed = inner, strength_at, seed
+    def __init__(self, collate_fn: Any = None) -> None:
+        self.collate_fn = default_collate if collate_fn is None else collate_fn
+
+    def __call__(self, keyed: list[tuple[Any, int, int]]) -> tuple[Any, Tensor, int]:
+        return (self.collate_fn([item for item, _, _ in keyed]), torch.tensor([index for _, index, _ in keyed]),
+                keyed[0][2])
+
+
+_SEED_MODULUS = 2**63 - 1  # per-sample seeds stay within what torch.Generator.manual_seed takes
+
+
+class _KeySampler:
+    """The DataLoader's batch sampler: the loader's planned batches as lists of keys.
+
+    Each key carries what varies (the batch's ticket; with a ladder its strength and a per-sample
+    seed), so workers, persistent ones included, never hold a setting of their own (DESIGN rule 3).
+    """
+
+    def __init__(self, loader: CyclicalLoader) -> None:
+        self.loader = loader
 
     def __len__(self) -> int:
-        return len(self.inner)
+        return len(self.loader)
 
-    def __iter__(self) -> Iterator[list[tuple[int, float, int]]]:
-        epoch = self.inner.epoch
-        strength = self.strength_at(epoch)
-        for batch in self.inner:
-            yield [(index, strength, (self.seed * 1_000_003 + epoch) * 1_000_033 + index) for index in batch]
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
+        loader = self.loader
+        for planned in loader._planned_batches():
+            ticket = loader._issue(planned)
+            indices = planned.indices.tolist()
+            if loader.ladder is None:
+                yield [(index, ticket) for index in indices]
+            else:
+                base = (loader.seed * 1_000_003 + planned.epoch) * 1_000_033
+                yield [(index, ticket, planned.strength, (base + index) % _SEED_MODULUS) for index in indices]
+
+
+def _compose_sampler(sampler: Any, shuffle: bool | None, generator: torch.Generator | None) -> dict[str, Any]:
+    """What a DataLoader ``sampler=`` means for CyclicalLoader: the order options it stands for, or a refusal."""
+    if sampler is None:
+        return {"shuffle": bool(shuffle), "generator": generator}
+    if shuffle:
+        raise ValueError("sampler option is mutually exclusive with shuffle (as in DataLoader); drop one of them")
+    if isinstance(sampler, DistributedSampler):
+        if sampler.drop_last:
+            raise ValueError("CyclicalLoader pads uneven shares like DistributedSampler(drop_last=False); build the "
+                             "DistributedSampler with drop_last=False (or pass rank=/world_size= instead of sampler=)")
+        return {"shuffle": sampler.shuffle, "generator": generator, "seed": sampler.seed, "rank": sampler.rank,
+                "world_size": sampler.num_replicas, "distributed_sampler": sampler}
+    if isinstance(sampler, SequentialSampler):
+        return {"shuffle": False, "generator": generator}
+    if isinstance(sampler, RandomSampler) and not sampler.replacement and sampler._num_samples is None:
+        return {"shuffle": True, "generator": sampler.generator if generator is None else generator}
+    raise ValueError(f"CyclicalLoader chooses and orders each epoch's samples itself, so it cannot follow a "
+                     f"{type(sampler).__name__}; for a subset pass torch.utils.data.Subset(dataset, indices), for the "
+                     "order shuffle=/generator=/seed=, for sample weights keep= or threshold= with weighting=")
 
 
 class CyclicalLoader:
-    """A drop-in for ``DataLoader(dataset, batch_size=B, shuffle=True, ...)`` with cyclical knobs.
+    """A drop-in for ``DataLoader(dataset, batch_size=B, shuffle=..., ...)`` with cyclical knobs.
 
     Swap the constructor, call ``record_loss`` after each forward pass, and the loader varies the
     batch size each epoch and (with ``keep`` or ``threshold``) trains on the self-paced selection
     of the samples; with ``labeled`` and ``unlabeled_ratio`` each batch is a labeled batch followed
     by a cyclical share of unlabeled samples. It yields exactly what a ``DataLoader`` over the same
-    dataset yields (same collate, same structure). The sampler decides everything in the main
-    process, so workers (persistent ones too) see every change with the indices they get.
+    dataset yields (same ``__getitem__``, same collate, same structure).
+
+    **The epoch is explicit.** Iterating runs the current epoch; ``len()`` describes it until the next
+    one begins; a new iteration after a complete *or abandoned* pass begins the next epoch (or the one
+    given to :meth:`set_epoch`). Losses recorded in any pass, partial ones included, are applied before
+    the next epoch's selection. :attr:`total_steps` is the run's batch count, known up front.
+
+    **Order** as in a DataLoader: ``shuffle=False`` takes the epoch's samples in index order (with
+    constant knobs exactly ``DataLoader(shuffle=False)``'s batches); ``shuffle=True`` shuffles them
+    each epoch from a run seed: ``seed=`` if given, else one number drawn (at the first epoch) from
+    ``generator=`` or from torch's default generator, so ``torch.manual_seed`` changes the order as it
+    does a DataLoader's. Under ``torch.distributed`` the drawn seed is rank 0's, so all ranks agree.
 
     Args:
-        dataset: any map-style dataset.
-        epochs: epochs the cycle spans.
+        dataset: any map-style dataset, or the path of a ``.beton`` written by ``cycdata convert``.
+        epochs: epochs the cycle spans (or give ``plan=``).
         batch_size: a number, ``{"easy": 256, "hard": 64}`` or a schedule (per process).
+        shuffle, generator, seed, sampler, drop_last: as for ``DataLoader``; ``sampler=`` may be a
+            ``RandomSampler``, ``SequentialSampler`` or ``DistributedSampler`` (whose options and
+            ``set_epoch`` it follows); other samplers and ``batch_sampler=`` are refused with the fix.
         keep: kept fraction of lowest-loss samples (number, mapping or schedule), or None.
         threshold: absolute loss threshold instead of ``keep``, or None.
         weighting: ``hard`` | ``linear`` | ``log`` | ``mixture``; soft weights are in ``batch_weights``.
         per_class: select ``keep`` within each class (labels from ``labels`` or ``dataset.labels``).
         labeled, unlabeled_ratio: semi-supervised mode: the labeled indices and the unlabeled
             samples per labeled one (every other index is the unlabeled pool).
-        factor: shared cyclical factor for mapping knobs. seed: run seed.
-        schedule_unit, normalization: as in the config language (the clock).
-        cycle: the window ``(start, end)`` of the easy→hard→easy cycle these ``epochs`` cover.
+        factor: shared cyclical factor for mapping knobs.
+        schedule_unit, normalization, cycle: the clock (as in the config language).
+        plan: a :class:`~cycdata.plan.Plan` instead of the knob arguments (the trainer's way): the
+            loader reads its data knobs (``data.batch_size``, ``self_paced.*``, ``augment.strength``,
+            ``semi_supervised.ratio``) through the plan's one clock.
+        select_samples: with ``plan=``, whether to apply its self-paced knob (default: when present).
         refresh_fraction: share of excluded samples re-admitted each epoch to refresh stale losses.
         ledger_ema, ledger_device: loss-ledger options.
-        rank, world_size: default from the initialised process group (like DistributedSampler).
-        drop_last: drop each epoch's last incomplete batch.
+        rank, world_size: default from the process group when an epoch starts (like DistributedSampler).
         ladder, strength: an augmentation ladder (name, YAML file or Ladder) and its strength knob
             (default ``{"easy": 0, "hard": 1}``). With workers, items must be ``(uint8 [C,H,W] image, ...)``;
-            each is augmented in its worker at the strength sent with its index. In-memory datasets
-            without workers are augmented as whole batches in the main process.
+            each is augmented in its worker at the strength sent with its index. On the device and
+            ffcv paths whole batches are augmented in the main process.
         augment_backend: ``torch`` | ``torchvision`` | ``albumentations`` kernels for the worker path.
         with_strength: append the strength each item was augmented at (a diagnostic, workers only).
         placement: ``auto`` | ``device`` | ``workers`` | ``ffcv``: where batches come from (see
-            :func:`choose_placement`). ``dataset`` may also be the path of a ``.beton`` written by
-            ``cycdata convert`` (its train split), read through ffcv or decoded once onto the device.
+            :func:`choose_placement`).
         device: where device-resident data lives and ffcv puts its batches (default: the CPU).
         **dataloader_kwargs: passed to ``torch.utils.data.DataLoader`` (num_workers, collate_fn,
-            pin_memory, persistent_workers, ...). ``shuffle``/``sampler``/``batch_sampler`` are ours.
+            pin_memory, persistent_workers, in_order, ...).
 
     Example:
         >>> import torch
         >>> from torch.utils.data import TensorDataset
         >>> data = TensorDataset(torch.randn(100, 3), torch.randint(0, 2, (100,)))
         >>> loader = CyclicalLoader(data, epochs=3, batch_size={"easy": 50, "hard": 10},
-        ...                         keep={"easy": 0.5, "hard": 1.0})
+        ...                         keep={"easy": 0.5, "hard": 1.0}, shuffle=True, seed=0)
+        >>> loader.total_steps
+        12
         >>> for epoch in range(3):
         ...     sizes = []
         ...     for x, y in loader:
         ...         loader.record_loss((x ** 2).sum(1))   # per-sample losses of this batch
         ...         sizes.append(len(y))
-        ...     print(epoch, sum(sizes), max(sizes))
-        0 50 50
-        1 100 10
-        2 50 50
+        ...     print(epoch, len(loader), sum(sizes), max(sizes))
+        0 1 50 50
+        1 10 100 10
+        2 1 50 50
     """
 
-    def __init__(self, dataset: Dataset | str | os.PathLike[str], *, epochs: int, batch_size: Any = 64,
-                 keep: Any = None, threshold: Any = None, weighting: str = "hard", per_class: bool = False,
-                 labels: Tensor | None = None, labeled: Tensor | None = None, unlabeled_ratio: Any = None,
-                 factor: float = 2.0, seed: int = 0, schedule_unit: str = "epoch", normalization: str = "reference",
-                 refresh_fraction: float = 0.05, ledger_ema: float | None = None,
-                 ledger_device: torch.device | str | None = None, rank: int | None = None,
-                 world_size: int | None = None, drop_last: bool = False, ladder: Any = None, strength: Any = None,
-                 augment_backend: str = "torch", with_strength: bool = False, placement: str = "auto",
-                 device: torch.device | str | None = None, cycle: tuple[float, float] = (0.0, 1.0),
-                 **dataloader_kwargs: Any) -> None:
-        for reserved in ("shuffle", "sampler", "batch_sampler"):
-            if dataloader_kwargs.get(reserved) not in (None, False):
-                raise ValueError(f"CyclicalLoader chooses the samples itself; drop the {reserved}= argument")
-            dataloader_kwargs.pop(reserved, None)
+    def __init__(self, dataset: Dataset | str | os.PathLike[str], *, epochs: int | None = None,
+                 batch_size: Any = 64, shuffle: bool | None = None, generator: torch.Generator | None = None,
+                 seed: int | None = None, sampler: Any = None, keep: Any = None, threshold: Any = None,
+                 weighting: str = "hard", per_class: bool = False, labels: Tensor | None = None,
+                 labeled: Tensor | None = None, unlabeled_ratio: Any = None, factor: float = 2.0,
+                 schedule_unit: str = "epoch", normalization: str = "reference", cycle: tuple[float, float] = (0.0, 1.0),
+                 plan: Plan | None = None, select_samples: bool | None = None, refresh_fraction: float = 0.05,
+                 ledger_ema: float | None = None, ledger_device: torch.device | str | None = None,
+                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False, ladder: Any = None,
+                 strength: Any = None, augment_backend: str = "torch", with_strength: bool = False,
+                 placement: str = "auto", device: torch.device | str | None = None, **dataloader_kwargs: Any) -> None:
+        if dataloader_kwargs.get("batch_sampler") is not None:
+            raise ValueError("CyclicalLoader is the batch sampler: it decides each epoch's batch size and samples; "
+                             "drop batch_sampler= and pass batch_size= (a number or {'easy': ..., 'hard': ...})")
+        dataloader_kwargs.pop("batch_sampler", None)
+        if batch_size is None:
+            raise ValueError("CyclicalLoader always yields batches; batch_size=None (no batching) is not supported")
+        order = _compose_sampler(sampler, shuffle, generator)
+        rank = order.get("rank", rank) if rank is None else rank
+        world_size = order.get("world_size", world_size) if world_size is None else world_size
+        seed = order.get("seed", seed) if seed is None else seed
+        self._distributed_sampler = order.get("distributed_sampler")
+        self._sampler_epoch = None if self._distributed_sampler is None else self._distributed_sampler.epoch
         if isinstance(dataset, (str, os.PathLike)):
             from .ffcv_loader import BetonDataset
 
             dataset = BetonDataset(dataset, "train")
         self.dataset = dataset
-        self.clock = Clock(epochs, unit=schedule_unit, normalization=normalization,  # type: ignore[arg-type]
-                           start=cycle[0], end=cycle[1])
-        size = len(dataset)  # type: ignore[arg-type]
+        self.ladder, strength = _ladder_and_strength(ladder, strength)
         self.semi_supervised = labeled is not None
+        if plan is None:
+            if epochs is None:
+                raise ValueError("CyclicalLoader needs epochs= (the epochs the cycle spans) or plan=")
+            plan = data_plan(epochs, batch_size=batch_size, keep=keep, threshold=threshold, strength=strength,
+                             unlabeled_ratio=unlabeled_ratio, factor=factor, schedule_unit=schedule_unit,
+                             normalization=normalization, cycle=cycle)
+        elif epochs is not None and epochs != plan.epochs:
+            raise ValueError(f"epochs={epochs} disagrees with the plan's {plan.epochs}; give one of them")
+        self.plan = plan
+        self.shuffle = order["shuffle"]
+        self._seed, self._generator = seed, order["generator"]
+        self.drop_last = drop_last
+        size = len(dataset)  # type: ignore[arg-type]
+        self.ledger = LossLedger(size, ema=ledger_ema, device=ledger_device)
         if self.semi_supervised:
             if keep is not None or threshold is not None:
                 raise ValueError("self-paced selection and semi-supervised batches cannot be combined in one loader")
-            if unlabeled_ratio is None:
+            if "semi_supervised.ratio" not in plan.names:
                 raise ValueError("semi-supervised mode needs unlabeled_ratio= (a number, mapping or schedule)")
             labeled = torch.as_tensor(labeled, dtype=torch.long)
             mask = torch.ones(size, dtype=torch.bool)
             mask[labeled] = False
             self.batch_sampler: Any = SemiSupervisedBatchSampler(
-                labeled, mask.nonzero().flatten(), clock=self.clock, batch_size=as_schedule(batch_size, factor),
-                ratio=as_schedule(unlabeled_ratio, factor), seed=seed, rank=rank, world_size=world_size)
-            self.ledger = LossLedger(size, ema=ledger_ema, device=ledger_device)
+                labeled, mask.nonzero().flatten(), plan=plan, rank=rank, world_size=world_size)
         else:
             if per_class and labels is None:
                 labels = getattr(dataset, "labels", None)
                 if labels is None:
                     raise ValueError("per_class=True needs labels= (one class label per sample)")
-            selecting = keep is not None or threshold is not None
-            self.ledger = LossLedger(size, ema=ledger_ema, device=ledger_device)
             self.batch_sampler = CyclicalBatchSampler(
-                size, clock=self.clock, batch_size=as_schedule(batch_size, factor),
-                keep=None if keep is None else as_schedule(keep, factor),
-                threshold=None if threshold is None else as_schedule(threshold, factor), weighting=weighting,
-                labels=torch.as_tensor(labels) if per_class and selecting else None, ledger=self.ledger,
-                refresh_fraction=refresh_fraction, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+                size, plan=plan, select_samples=select_samples, weighting=weighting,
+                labels=torch.as_tensor(labels) if per_class else None, ledger=self.ledger,
+                refresh_fraction=refresh_fraction, shuffle=self.shuffle, rank=rank, world_size=world_size,
+                drop_last=drop_last)
+        if self._seed is not None:
+            self._set_sampler_seed()
         self._pin = bool(dataloader_kwargs.get("pin_memory", False))
-        self.ladder, self.strength = _ladder_and_strength(ladder, strength, factor)
-        self._seed = seed
         self.placement = choose_placement(dataset, placement, device, dataloader_kwargs, with_strength)
         self._loader: DataLoader | None = None
         self._source: Any = None
@@ -313,80 +419,217 @@ class CyclicalLoader:
             self._source = FFCVSource(dataset, num_workers=dataloader_kwargs.get("num_workers") or None,  # type: ignore[arg-type]
                                       device=device)
         else:
-            source_dataset, source_sampler = dataset, self.batch_sampler
+            transform = None
             if self.ladder is not None:
                 from cycdata.augment_ladder.backends import LadderTransform
 
-                # The strength and a per-sample seed travel with each index (DESIGN rule 3): workers,
-                # persistent ones included, never hold a strength of their own.
-                source_dataset = AugmentedDataset(dataset, LadderTransform(self.ladder, augment_backend),
-                                                  with_strength)
-                source_sampler = _WithStrength(self.batch_sampler, self._strength_at, seed)
-            self._loader = DataLoader(source_dataset, batch_sampler=source_sampler, **dataloader_kwargs)
+                transform = LadderTransform(self.ladder, augment_backend)
+            collate = _CollateWithKeys(dataloader_kwargs.pop("collate_fn", None))
+            self._loader = DataLoader(AugmentedDataset(dataset, transform, with_strength),
+                                      batch_sampler=_KeySampler(self), collate_fn=collate, **dataloader_kwargs)
+        # The explicit epoch: `epoch` is the one len() and knobs describe; a pass of it has begun or not.
         self.epoch = 0
-        self.batch_indices: Tensor = torch.empty(0, dtype=torch.long)
-        self.labeled_count = 0
-        self._consumed = 0
+        self._requested: int | None = None
+        self._begun = False
         self._in_epoch = False
+        self._consumed = 0
+        self._resume_consumed = 0
+        self._tickets = itertools.count()
+        self._issued: dict[int, PlannedBatch] = {}
+        self._batch: PlannedBatch | None = None
+        self._warned_past_end = False
+
+    # --- the run seed ---------------------------------------------------------------------------
+
+    @property
+    def seed(self) -> int:
+        """The run seed: ``seed=``, else drawn once from ``generator=`` or torch's default generator."""
+        if self._seed is None:
+            # 31 bits: the seed is mixed with epochs and indices into other seeds that must stay within int64.
+            drawn = int(torch.randint(0, 2**31 - 1, (), generator=self._generator).item())
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                shared = [drawn]
+                dist.broadcast_object_list(shared, src=0)  # every rank follows rank 0's order
+                drawn = int(shared[0])
+            self._seed = drawn
+            self._set_sampler_seed()
+        return self._seed
+
+    def _set_sampler_seed(self) -> None:
+        self.batch_sampler.reseed(self._seed)
 
     # --- the epoch -----------------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch the next iteration runs (it also advances by itself after each full pass)."""
-        self.epoch = epoch
-        self.batch_sampler.set_epoch(epoch)
+        """Choose the epoch the next iteration runs (without it, each new pass runs the next epoch)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"set_epoch takes an epoch number >= 0, got {epoch!r}")
+        self._requested = epoch
+
+    @property
+    def epochs(self) -> int:
+        """Epochs the cycle spans."""
+        return self.plan.epochs
+
+    def _described_epoch(self) -> int:
+        """The epoch len() and knobs describe: the requested one, else the current one."""
+        return self.epoch if self._requested is None else self._requested
+
+    def _follow_distributed_sampler(self) -> None:
+        sampler = self._distributed_sampler
+        if sampler is not None and sampler.epoch != self._sampler_epoch:
+            self._sampler_epoch = sampler.epoch
+            self._requested = sampler.epoch
 
     def __len__(self) -> int:
-        return len(self.batch_sampler)
+        self._follow_distributed_sampler()
+        return self.num_batches(self._described_epoch())
+
+    def num_batches(self, epoch: int) -> int:
+        """Batches this process gets in ``epoch`` (known up front except with a loss ``threshold``)."""
+        if self._needs_planning(epoch):
+            self._plan_epoch(epoch)
+        return self.batch_sampler.num_batches(epoch)
+
+    @property
+    def total_steps(self) -> int:
+        """Batches this process gets over the whole run (for per-step schedulers such as OneCycleLR)."""
+        if self._needs_planning(self.epochs - 1) or self._needs_planning(0):
+            raise ValueError("with threshold= the number of kept samples depends on the losses, so the run's step "
+                             "count is not known up front; use keep= (an exact kept fraction) for a fixed count")
+        return sum(self.batch_sampler.num_batches(epoch) for epoch in range(self.epochs))
 
     @property
     def samples_per_epoch(self) -> int:
-        """This process's samples in the current epoch (labeled ones in semi-supervised mode)."""
-        return self.batch_sampler.samples_per_epoch
+        """This process's samples in the described epoch (labeled ones in semi-supervised mode)."""
+        epoch = self._described_epoch()
+        samples = self.batch_sampler.samples(epoch)
+        if samples is None:
+            self._plan_epoch(epoch)
+            samples = self.batch_sampler.samples(epoch)
+        return int(samples)
+
+    def _needs_planning(self, epoch: int) -> bool:
+        """Whether ``epoch``'s length depends on the losses (threshold mode) and it is not planned yet."""
+        return not self.semi_supervised and self.batch_sampler.samples(epoch) is None
+
+    def _plan_epoch(self, epoch: int) -> EpochPlan | None:
+        """Fix ``epoch``'s plan: pending loss records are applied first, so partial epochs count."""
+        _ = self.seed  # the order and the selection's draws need it
+        if self.semi_supervised:
+            return None
+        if not self.batch_sampler.planned(epoch):
+            self.ledger.synchronize()  # a collective under torch.distributed: every rank plans at the same point
+        return self.batch_sampler.epoch_plan(epoch)
+
+    def _begin_epoch(self) -> int:
+        self._follow_distributed_sampler()
+        if self._requested is not None:
+            epoch, self._requested = self._requested, None
+        elif self._begun:
+            epoch = self.epoch + 1
+        else:
+            epoch = self.epoch
+        self._consumed, self._resume_consumed = self._resume_consumed, 0
+        if epoch >= self.epochs and not self._warned_past_end:
+            self._warned_past_end = True
+            warnings.warn(f"CyclicalLoader was built for epochs={self.epochs}; epoch {epoch} and later repeat the "
+                          "last epoch's knobs. Pass the number of epochs you train for.", stacklevel=3)
+        if self.semi_supervised:
+            self.ledger.synchronize()
+        self.epoch, self._begun, self._in_epoch = epoch, True, True
+        self._plan_epoch(epoch)
+        self._issued.clear()
+        return epoch
+
+    def _planned_batches(self) -> Iterator[PlannedBatch]:
+        return self.batch_sampler.batches(self.epoch)
+
+    def _issue(self, planned: PlannedBatch) -> int:
+        ticket = next(self._tickets)
+        self._issued[ticket] = planned
+        return ticket
 
     def __iter__(self) -> Iterator[Any]:
-        self.batch_sampler.set_epoch(self.epoch)
-        self._in_epoch = True
-        source = self._loader if self._loader is not None else self._gather()
-        for batch in source:
-            self.batch_indices = torch.as_tensor(self.batch_sampler.yielded.popleft(), dtype=torch.long)
-            if self.semi_supervised:
-                self.labeled_count = self.batch_sampler.labeled_counts.popleft()
+        self._begin_epoch()
+        try:
+            if self._loader is not None:
+                for collated, indices, ticket in self._loader:
+                    # The indices come back with the items themselves: right whatever order batches arrive in.
+                    self._batch = dataclasses.replace(self._issued.pop(ticket), indices=indices)
+                    self._consumed += 1
+                    yield collated
             else:
-                self.labeled_count = len(self.batch_indices)
-            self._consumed += 1
-            yield batch
-        # The epoch is complete: every rank applies the same records, then the next epoch starts.
-        self.ledger.synchronize()
-        self._in_epoch = False
-        self._consumed = 0
-        self.set_epoch(self.epoch + 1)
+                for planned, batch in self._gather():
+                    self._batch = planned
+                    self._consumed += 1
+                    yield batch
+        finally:  # complete, or abandoned (the loop broke): the next pass begins the next epoch
+            self._in_epoch = False
 
-    def _gather(self) -> Iterator[list[Tensor]]:
+    def _gather(self) -> Iterator[tuple[PlannedBatch, list[Tensor]]]:
         """Device-resident and ffcv data: batches of tensors (what default_collate would build); a ladder
         augments each whole batch where it lies, with per-sample parameters."""
-        # ffcv needs the epoch's whole order before it starts; the device path takes batches as they come.
-        batches = self.batch_sampler.batches(as_tensors=True)
-        if self.placement == "ffcv":
-            batches = list(batches)
-        for number, (images, labels, _) in enumerate(self._source.epoch(batches)):
+        pending: collections.deque[PlannedBatch] = collections.deque()
+
+        def indices_of(batches: Iterator[PlannedBatch]) -> Iterator[Tensor]:
+            for batch in batches:
+                pending.append(batch)
+                yield batch.indices
+
+        order: Iterable[Tensor] = indices_of(self._planned_batches())
+        if self.placement == "ffcv":  # ffcv needs the epoch's whole order before it starts
+            order = list(order)
+        for images, labels, _ in self._source.epoch(order):
+            batch = pending.popleft()
             if self.ladder is not None:
                 generator = torch.Generator(images.device)
-                generator.manual_seed(self._seed * 1_000_003 + self.epoch * 10_007 + number)
-                pixels = self.ladder.apply(images.float() / 255.0, self._strength_at(self.epoch), generator)
+                generator.manual_seed(self.seed * 1_000_003 + batch.epoch * 10_007 + batch.number)
+                pixels = self.ladder.apply(images.float() / 255.0, batch.strength, generator)
                 images = (pixels * 255.0).round_().clamp_(0, 255).to(torch.uint8)
-            yield [images, labels]
+            # The sources return each batch's indices with it (ffcv from the file's index field) and refuse an
+            # order other than the planned one, so the planned indices are the batch's (and stay ours: ffcv's
+            # own index tensors live in buffers it reuses).
+            yield batch, [images, labels]
 
-    def _strength_at(self, epoch: int) -> float:
-        return 0.0 if self.strength is None else min(1.0, max(0.0, float(self.strength(self.clock.progress(epoch)))))
+    # --- the batch just yielded -----------------------------------------------------------------
+
+    @property
+    def batch(self) -> PlannedBatch | None:
+        """The batch just yielded as the sampler planned it: indices, labeled count, strength."""
+        return self._batch
+
+    @property
+    def batch_indices(self) -> Tensor:
+        """Dataset indices of the batch just yielded (int64, CPU), in the batch's order."""
+        return torch.empty(0, dtype=torch.long) if self._batch is None else self._batch.indices
+
+    @property
+    def labeled_count(self) -> int:
+        """How many of the batch's samples are labeled (all of them outside semi-supervised mode)."""
+        return 0 if self._batch is None else self._batch.labeled
+
+    @property
+    def batch_strength(self) -> float:
+        """The augmentation strength of the batch just yielded (0 without an ``augment.strength`` knob)."""
+        return 0.0 if self._batch is None else self._batch.strength
 
     # --- losses ---------------------------------------------------------------------------------
 
     def record_loss(self, losses: Tensor) -> None:
         """Record per-sample losses of the batch most recently yielded (its labeled part in SSL mode).
 
-        No host synchronisation: the losses stay on their device until the epoch ends.
+        No host synchronisation: the losses stay on their device until the next epoch is planned.
         """
+        if not isinstance(losses, Tensor) or losses.ndim != 1:
+            shape = f"a {losses.ndim}-d tensor" if isinstance(losses, Tensor) else type(losses).__name__
+            raise ValueError(f"record_loss needs one loss per sample, a 1-d tensor; got {shape}. Compute the loss "
+                             "with reduction='none' (e.g. F.cross_entropy(logits, y, reduction='none')), record it, "
+                             "then take .mean() for backward")
+        if self._batch is None:
+            raise ValueError("record_loss was called before any batch was yielded; call it after each forward pass")
         count = len(losses)
         if count not in (len(self.batch_indices), self.labeled_count):
             raise ValueError(f"record_loss got {count} losses for a batch of {len(self.batch_indices)} samples "
@@ -397,24 +640,29 @@ class CyclicalLoader:
     @property
     def batch_weights(self) -> Tensor | None:
         """Self-paced weights of the current batch's samples (None with hard weighting)."""
-        if self.semi_supervised:
+        if self.semi_supervised or self._batch is None:
             return None
-        weights = self.batch_sampler.plan(self.epoch if self._in_epoch else self.epoch - 1).weights
+        weights = self.batch_sampler.epoch_plan(self._batch.epoch).weights
         return None if weights is None else weights[self.batch_indices]
 
     @property
     def knobs(self) -> dict[str, float | int]:
-        """What the loader does this epoch, by dotted name (for logs)."""
+        """What the loader does in the described epoch, by dotted name (for logs); fixes its plan."""
+        self._follow_distributed_sampler()
+        _ = self.seed
+        epoch = self._described_epoch()
+        values = self.batch_sampler.knobs(epoch)
+        knobs: dict[str, float | int] = {"data.batch_size": values.batch_size}
+        if values.strength is not None:
+            knobs["augment.strength"] = values.strength
         if self.semi_supervised:
             sampler = self.batch_sampler
-            return {"data.batch_size": sampler.batch_size_at(self.epoch),
-                    "semi_supervised.ratio": sampler.ratio_at(self.epoch),
-                    "semi_supervised.coverage": sampler.unlabeled.coverage,
-                    "semi_supervised.passes": sampler.unlabeled.passes}
-        plan = self.batch_sampler.plan(self.epoch)
-        knobs: dict[str, float | int] = {"data.batch_size": plan.batch_size}
-        if self.ladder is not None:
-            knobs["augment.strength"] = self._strength_at(self.epoch)
+            knobs.update({"semi_supervised.ratio": values.ratio or 0.0,
+                          "semi_supervised.coverage": sampler.unlabeled.coverage,
+                          "semi_supervised.passes": sampler.unlabeled.passes})
+            return knobs
+        plan = self._plan_epoch(epoch)
+        assert plan is not None
         if self.batch_sampler.selecting:
             knobs.update({"self_paced.kept": plan.kept, "self_paced.threshold": plan.threshold,
                           "self_paced.unseen": plan.unseen, "self_paced.refreshed": plan.refreshed,
@@ -424,25 +672,44 @@ class CyclicalLoader:
     # --- state ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue, mid-epoch included (torchdata's StatefulDataLoader protocol)."""
-        state: dict[str, Any] = {"version": 1, "epoch": self.epoch, "consumed": self._consumed if self._in_epoch else 0,
-                                 "ledger": self.ledger.state_dict()}
-        if self.semi_supervised:
-            sampler = self.batch_sampler
-            state["sampler"] = sampler.epoch_start_state if self._in_epoch else sampler.state_dict()
-        elif self._in_epoch:
-            state["plan"] = dataclasses.asdict(self.batch_sampler.plan(self.epoch))
+        """Everything needed to continue, mid-epoch included (torchdata's StatefulDataLoader protocol).
+
+        Between epochs the ledger's pending records are applied first (a collective under
+        torch.distributed), so every rank saves the same ledger.
+        """
+        mid_epoch = self._in_epoch
+        if not mid_epoch:
+            self.ledger.synchronize()
+        state: dict[str, Any] = {"version": 2, "seed": self.seed, "ledger": self.ledger.state_dict()}
+        if mid_epoch:
+            state.update(epoch=self.epoch, consumed=self._consumed)
+            if self.semi_supervised:
+                state["sampler"] = self.batch_sampler.epoch_start_state
+            else:
+                state["plan"] = dataclasses.asdict(self.batch_sampler.epoch_plan(self.epoch))
+        else:
+            state.update(epoch=self._next_epoch(), consumed=0)
+            if self.semi_supervised:
+                state["sampler"] = self.batch_sampler.state_dict()
         return state
 
+    def _next_epoch(self) -> int:
+        if self._requested is not None:
+            return self._requested
+        return self.epoch + 1 if self._begun else self.epoch
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != 1:
-            raise ValueError("not a CyclicalLoader state of version 1")
+        """Restore a :meth:`state_dict`: the next iteration continues where the saved loader stood."""
+        if state.get("version") not in (1, 2):
+            raise ValueError("not a CyclicalLoader state (version 1 or 2)")
         self.ledger.load_state_dict(state["ledger"])
-        self.epoch = int(state["epoch"])
-        consumed = int(state["consumed"])
+        if "seed" in state:
+            self._seed = int(state["seed"])
+            self._set_sampler_seed()
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
         if self.semi_supervised:
             self.batch_sampler.load_state_dict(state["sampler"], skip_batches=consumed)
         elif "plan" in state:
             self.batch_sampler.restore_plan(EpochPlan(**state["plan"]), skip_batches=consumed)
-        self.batch_sampler.set_epoch(self.epoch)
-        self._consumed = consumed
+        self.epoch, self._requested, self._begun, self._in_epoch = epoch, epoch, False, False
+        self._resume_consumed = consumed

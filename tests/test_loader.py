@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from cycdata.clock import Clock
 from cycdata.loaders.torch_loader import CyclicalLoader
-from cycdata.samplers import SemiSupervisedBatchSampler
+from cycdata.samplers import SemiSupervisedBatchSampler, data_plan
 from cycdata.schedules import Cyclical
 
 N = 240
@@ -68,10 +68,11 @@ def test_batches_follow_batch_size_and_keep_schedules_and_pick_lowest_losses() -
     for epoch in range(epochs):
         expected_size = round(batch_size(clock.progress(epoch)))
         expected_kept = math.ceil(keep(clock.progress(epoch)) * N)
-        assert len(loader) == math.ceil(expected_kept / expected_size)  # len() exact for every epoch
+        assert loader.num_batches(epoch) == math.ceil(expected_kept / expected_size)  # known up front
         seen: list[int] = []
         sizes = []
         for features, indices in loader:
+            assert len(loader) == math.ceil(expected_kept / expected_size)  # len() describes the running epoch
             assert torch.equal(indices, loader.batch_indices)
             loader.record_loss(controlled_losses(features))
             seen += indices.tolist()
@@ -83,7 +84,8 @@ def test_batches_follow_batch_size_and_keep_schedules_and_pick_lowest_losses() -
 
 
 def test_first_epoch_takes_a_random_share_and_unseen_samples_come_before_exclusion() -> None:
-    loader = CyclicalLoader(Indexed(), epochs=4, batch_size=40, keep={"easy": 0.5, "hard": 1.0}, refresh_fraction=0.0)
+    loader = CyclicalLoader(Indexed(), epochs=4, batch_size=40, keep={"easy": 0.5, "hard": 1.0}, refresh_fraction=0.0,
+                            shuffle=True)
     first = [int(i) for _, idx in _record_epoch(loader) for i in idx]
     assert len(first) == N // 2 and first != sorted(first)
     second = [int(i) for _, idx in _record_epoch(loader) for i in idx]
@@ -115,10 +117,7 @@ def test_yields_what_a_dataloader_yields() -> None:
     plain = next(iter(DataLoader(dataset, batch_size=10)))
     ours = next(iter(CyclicalLoader(dataset, epochs=2, batch_size=10)))
     assert type(ours) is type(plain) and len(ours) == len(plain)
-    order = torch.argsort(ours[1])
-    assert torch.equal(ours[0][order], plain[0]) and torch.equal(ours[1][order], plain[1])
-    with pytest.raises(ValueError, match="drop the shuffle= argument"):
-        CyclicalLoader(dataset, epochs=2, shuffle=True)
+    assert torch.equal(ours[0], plain[0]) and torch.equal(ours[1], plain[1])  # shuffle=False: index order
 
 
 def test_knobs_reach_persistent_workers() -> None:
@@ -177,23 +176,17 @@ def test_mid_epoch_state_dict_resumes_the_same_batches(workers: int) -> None:
 
 def test_semi_supervised_covers_unlabeled_once_before_twice() -> None:
     labeled, unlabeled = torch.arange(20), torch.arange(20, 200)
-    sampler = SemiSupervisedBatchSampler(
-        labeled, unlabeled, clock=Clock(4), batch_size=10, ratio=Cyclical(1.0, 3.0), seed=0
-    )
+    plan = data_plan(4, batch_size=10, unlabeled_ratio=Cyclical(1.0, 3.0))
+    sampler = SemiSupervisedBatchSampler(labeled, unlabeled, plan=plan, seed=0)
     drawn: list[int] = []
     for epoch in range(4):
-        sampler.set_epoch(epoch)
-        for batch, count in zip(sampler, _counts(sampler)):
+        for planned in sampler.batches(epoch):
+            batch, count = planned.indices.tolist(), planned.labeled
             assert all(i < 20 for i in batch[:count]) and all(i >= 20 for i in batch[count:])
             drawn += batch[count:]
     first_pass = drawn[:180]
     assert sorted(first_pass) == list(range(20, 200))  # once each before any twice
     assert sampler.unlabeled.passes >= 1
-
-
-def _counts(sampler: SemiSupervisedBatchSampler):
-    while True:
-        yield sampler.labeled_counts[-1]
 
 
 def test_semi_supervised_loader_splits_batches_and_logs_coverage() -> None:

@@ -34,6 +34,7 @@ def test_workers_apply_the_planned_strength_each_epoch(backend: str) -> None:
     clock = Clock(epochs)
     for epoch in range(epochs):
         planned = Cyclical(0.0, 1.0)(clock.progress(epoch))
+        loader.set_epoch(epoch)  # as with DistributedSampler: knobs then describe the coming epoch
         assert loader.knobs["augment.strength"] == pytest.approx(planned)
         changed = 0
         for images, indices, strengths in loader:
@@ -49,7 +50,8 @@ def test_workers_apply_the_planned_strength_each_epoch(backend: str) -> None:
 def test_in_memory_batches_are_augmented_in_the_main_process() -> None:
     data = load_dataset("synthetic:64")
     loader = CyclicalLoader(data.train, epochs=3, batch_size=32, ladder="default")
-    for strength in (0.0, 1.0, 0.0):
+    for epoch, strength in enumerate((0.0, 1.0, 0.0)):
+        loader.set_epoch(epoch)
         assert loader.knobs["augment.strength"] == strength
         for images, _labels in loader:
             original = data.train.images[loader.batch_indices]
