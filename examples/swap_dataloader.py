@@ -3,7 +3,7 @@
 The whole change against a plain loop::
 
     -loader = DataLoader(train_set, batch_size=128, shuffle=True, num_workers=2)
-    +loader = CyclicalLoader(train_set, epochs=EPOCHS, batch_size={"easy": 256, "hard": 64},
+    +loader = CyclicalLoader(train_set, epochs=EPOCHS, batch_size={"easy": 256, "hard": 64}, shuffle=True,
     +                        keep={"easy": 0.5, "hard": 1.0}, num_workers=2)
      ...
     -    loss = F.cross_entropy(model(images), labels)
@@ -32,7 +32,7 @@ def main() -> None:
     model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     loader = CyclicalLoader(
-        data.train, epochs=EPOCHS, batch_size={"easy": 256, "hard": 64}, keep={"easy": 0.5, "hard": 1.0}
+        data.train, epochs=EPOCHS, batch_size={"easy": 256, "hard": 64}, keep={"easy": 0.5, "hard": 1.0}, shuffle=True
     )
     for epoch in range(EPOCHS):
         model.train()
@@ -46,10 +46,10 @@ def main() -> None:
         with torch.no_grad():
             images, labels = data.test.images, data.test.labels
             accuracy = (model((images.float() - mean) / std).argmax(1) == labels).float().mean().item()
-        knobs = loader.knobs  # what the next epoch will do
+        knobs = loader.knobs  # what the epoch just run did (len(loader) too, until the next pass begins)
         print(
-            f"epoch {epoch + 1}/{EPOCHS}  test accuracy {accuracy:.3f}  next epoch: batch {knobs['data.batch_size']}, "
-            f"{knobs['self_paced.kept']} samples kept"
+            f"epoch {epoch + 1}/{EPOCHS}  test accuracy {accuracy:.3f}  batch {knobs['data.batch_size']}, "
+            f"{knobs['self_paced.kept']} samples kept, {len(loader)} steps"
         )
 
 

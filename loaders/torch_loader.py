@@ -405,6 +405,9 @@ class CyclicalLoader:
                 drop_last=drop_last)
         if self._seed is not None:
             self._set_sampler_seed()
+        # Only what is random draws a seed: a plain shuffle=False loader leaves torch's RNG as a DataLoader does.
+        self._uses_seed = bool(self.shuffle or self.semi_supervised or self.ladder is not None
+                               or getattr(self.batch_sampler, "selecting", False))
         self._pin = bool(dataloader_kwargs.get("pin_memory", False))
         self.placement = choose_placement(dataset, placement, device, dataloader_kwargs, with_strength)
         self._loader: DataLoader | None = None
@@ -517,7 +520,8 @@ class CyclicalLoader:
 
     def _plan_epoch(self, epoch: int) -> EpochPlan | None:
         """Fix ``epoch``'s plan: pending loss records are applied first, so partial epochs count."""
-        _ = self.seed  # the order and the selection's draws need it
+        if self._uses_seed:
+            _ = self.seed  # drawn now, from torch's default RNG unless given
         if self.semi_supervised:
             return None
         if not self.batch_sampler.planned(epoch):
@@ -649,7 +653,8 @@ class CyclicalLoader:
     def knobs(self) -> dict[str, float | int]:
         """What the loader does in the described epoch, by dotted name (for logs); fixes its plan."""
         self._follow_distributed_sampler()
-        _ = self.seed
+        if self._uses_seed:
+            _ = self.seed
         epoch = self._described_epoch()
         values = self.batch_sampler.knobs(epoch)
         knobs: dict[str, float | int] = {"data.batch_size": values.batch_size}
@@ -680,7 +685,8 @@ class CyclicalLoader:
         mid_epoch = self._in_epoch
         if not mid_epoch:
             self.ledger.synchronize()
-        state: dict[str, Any] = {"version": 2, "seed": self.seed, "ledger": self.ledger.state_dict()}
+        state: dict[str, Any] = {"version": 2, "seed": self.seed if self._uses_seed else self._seed,
+                                 "ledger": self.ledger.state_dict()}
         if mid_epoch:
             state.update(epoch=self.epoch, consumed=self._consumed)
             if self.semi_supervised:
@@ -703,7 +709,7 @@ class CyclicalLoader:
         if state.get("version") not in (1, 2):
             raise ValueError("not a CyclicalLoader state (version 1 or 2)")
         self.ledger.load_state_dict(state["ledger"])
-        if "seed" in state:
+        if state.get("seed") is not None:
             self._seed = int(state["seed"])
             self._set_sampler_seed()
         epoch, consumed = int(state["epoch"]), int(state["consumed"])

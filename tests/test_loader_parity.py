@@ -317,3 +317,84 @@ def test_warnings_are_not_raised_for_an_ordinary_run() -> None:
         warnings.simplefilter("error")
         for _ in range(3):
             list(loader)
+
+
+# --------------------------------------------------------------------------------------------
+# A pytorch/examples-style MNIST loop, adopted by following the README literally
+# --------------------------------------------------------------------------------------------
+
+
+class ExamplesNet(torch.nn.Module):
+    """pytorch/examples' MNIST Net (two convolutions, dropout, log_softmax), narrower to run in seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(1, 8, 3, 1), torch.nn.Conv2d(8, 16, 3, 1)
+        self.dropout1, self.dropout2 = torch.nn.Dropout(0.25), torch.nn.Dropout(0.5)
+        self.fc1, self.fc2 = torch.nn.Linear(2304, 64), torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        x = self.dropout2(F.relu(self.fc1(torch.flatten(self.dropout1(x), 1))))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+class MnistTensors(Dataset):
+    """The embedded MNIST digits at 28x28 as float tensors, normalised like torchvision's MNIST recipe."""
+
+    def __init__(self, split: TensorImageDataset, count: int) -> None:
+        chosen = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:count]  # the file is by class
+        self.images = (split.images[chosen].float() / 255.0 - 0.1307) / 0.3081
+        self.labels = split.labels[chosen]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+
+def _examples_run(make_loader, epochs: int = 2, seed: int = 1) -> tuple[dict[str, torch.Tensor], float]:
+    from cycdata.loaders.datasets import load_dataset
+
+    data = load_dataset("mnist5k", image_size=28)
+    train, test = MnistTensors(data.train, 1200), MnistTensors(data.test, 500)
+    torch.manual_seed(seed)
+    model = ExamplesNet()
+    optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
+    loader, cyclical = make_loader(train)
+    for _epoch in range(epochs):
+        model.train()
+        for images, labels in loader:
+            optimizer.zero_grad()
+            if cyclical:  # the README's three changed lines
+                losses = F.nll_loss(model(images), labels, reduction="none")
+                loader.record_loss(losses.detach())
+                loss = losses.mean()
+            else:
+                loss = F.nll_loss(model(images), labels)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(test.images).argmax(1) == test.labels).float().mean())
+    return model.state_dict(), accuracy
+
+
+def test_the_examples_mnist_loop_trains_identically_after_the_swap() -> None:
+    original, original_accuracy = _examples_run(lambda data: (DataLoader(data, batch_size=64), False))
+    swapped, swapped_accuracy = _examples_run(lambda data: (CyclicalLoader(data, epochs=2, batch_size=64), True))
+    # Constant knobs and shuffle=False: the same batches, the same RNG use (dropout), so the same weights.
+    assert all(torch.equal(original[name], swapped[name]) for name in original)
+    assert swapped_accuracy == original_accuracy > 0.8
+
+
+def test_the_examples_mnist_loop_with_shuffling_trains_as_well_after_the_swap() -> None:
+    # Shuffled orders differ between the two loaders (different generators), so accuracies agree within
+    # noise. Measured over seeds 0..2: DataLoader 0.866-0.876, CyclicalLoader 0.846-0.906, paired
+    # differences -0.026, +0.030, +0.006; 0.06 is twice the largest.
+    original = _examples_run(lambda data: (DataLoader(data, batch_size=64, shuffle=True), False))[1]
+    swapped = _examples_run(lambda data: (CyclicalLoader(data, epochs=2, batch_size=64, shuffle=True), True))[1]
+    assert abs(original - swapped) <= 0.06 and min(original, swapped) > 0.8
