@@ -432,6 +432,10 @@ class RunConfig:
     cycle: CycleConfig = section(CycleConfig)
     distill: DistillConfig | None = section(DistillConfig, default_on=False)
     runtime: RuntimeConfig = section(RuntimeConfig)
+    # Not a config key: the dotted keys the parsed mapping set (``optim.lr``, ``optim``, ...), so an explicit
+    # ``optim.lr: 0.1`` can be told from the default recipe's (CyclicalHooks drives the LR only then). A config
+    # built in code rather than parsed sets none. Never read from or written to YAML; not compared.
+    given_keys: frozenset[str] = field(default=frozenset(), compare=False, repr=False, metadata={"provenance": True})
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,13 +443,13 @@ class RunConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_section(cls: type, raw: Any, prefix: str, ctx: Mapping[str, Any]) -> Any:
+def _parse_section(cls: type, raw: Any, prefix: str, ctx: Mapping[str, Any], given: set[str] | None = None) -> Any:
     where = prefix.rstrip(".") or "config"
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError(where, f"got {raw!r}, expected a mapping of keys")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("provenance")}
     for name in raw:
         if name not in fields:
             raise ConfigError(f"{prefix}{name}", f"unknown key{_did_you_mean(str(name), fields, prefix)}")
@@ -454,11 +458,13 @@ def _parse_section(cls: type, raw: Any, prefix: str, ctx: Mapping[str, Any]) -> 
         if name not in raw:
             continue
         dotted = f"{prefix}{name}"
+        if given is not None:
+            given.add(dotted)
         if "section" in spec.metadata:
             if raw[name] is None and spec.metadata["optional"]:
                 values[name] = None
             else:
-                values[name] = _parse_section(spec.metadata["section"], raw[name], dotted + ".", ctx)
+                values[name] = _parse_section(spec.metadata["section"], raw[name], dotted + ".", ctx, given)
         else:
             values[name] = spec.metadata["parse"](dotted, raw[name], ctx)
     return cls(**values)
@@ -505,7 +511,9 @@ def parse_config(raw: Mapping[str, Any] | None) -> RunConfig:
     default_factor = RunConfig.cyclical_factor
     factor = raw.get("cyclical_factor", default_factor)
     ctx = {"cyclical_factor": number(ge=1)("cyclical_factor", factor, {})}
-    config = _parse_section(RunConfig, raw, "", ctx)
+    given: set[str] = set()
+    config = _parse_section(RunConfig, raw, "", ctx, given)
+    config = dataclasses.replace(config, given_keys=frozenset(given))
     _check_consistency(config)
     return config
 
@@ -622,7 +630,8 @@ def config_to_dict(config: Any) -> Any:
     if isinstance(config, (Constant, Cyclical)):
         return _schedule_to_raw(config)
     if dataclasses.is_dataclass(config):
-        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)
+                if not f.metadata.get("provenance")}
     return config
 
 

@@ -101,6 +101,9 @@ class Plan:
     lr_coupling_power: float = 0.0  # LR × (batch size / first epoch's batch size) ** power
     noise_scale: bool = False  # LR × (B/B₀)·((1 − m)/(1 − m₀)): constant SGD noise scale LR·N/(B(1 − m))
     momentum: float = 0.9  # the constant momentum (when optim.momentum is not a knob)
+    # Whether the LR is the user's own: from_config sets it when the parsed config gave optim.lr; False means the
+    # default recipe's, which CyclicalHooks(set_lr=None) leaves out of the optimizer. A plan built knob by knob: True.
+    lr_given: bool = True
 
     @classmethod
     def from_config(cls, config: RunConfig, epochs: int | None = None) -> Plan:
@@ -113,7 +116,8 @@ class Plan:
                       start=config.cycle.start, end=config.cycle.end)
         power = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}[config.data.lr_coupling]
         return cls(clock=clock, knobs=tuple(_knobs_of(config)), lr_coupling_power=power,
-                   noise_scale=config.couple == "noise_scale", momentum=float(config.optim.momentum(0.0)))
+                   noise_scale=config.couple == "noise_scale", momentum=float(config.optim.momentum(0.0)),
+                   lr_given="optim.lr" in config.given_keys)
 
     @property
     def epochs(self) -> int:

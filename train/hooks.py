@@ -1,16 +1,27 @@
-"""Optimizer-side hooks for any training loop: cyclical LR, weight decay (CWD), softmax temperature
-(CST) and gradient clipping (CGC), all read from one :class:`~cycdata.plan.Plan`.
+"""Optimizer-side hooks for any training loop: cyclical weight decay (CWD), softmax temperature (CST),
+gradient clipping (CGC), a cyclical momentum and, when asked, the learning rate, all read from one
+:class:`~cycdata.plan.Plan`.
 
 Three calls fit into a loop you already have::
 
     hooks = CyclicalHooks(optimizer, plan)
     for epoch in range(plan.epochs):
         for step, (x, y) in enumerate(loader):
-            hooks.update(epoch, fraction=step / len(loader))   # LR, WD, T and clip for this step
+            hooks.update(epoch, fraction=step / len(loader))   # WD, T and clip for this step (LR: when asked)
             loss = F.cross_entropy(hooks.scale_logits(model(x)), y)   # CST: training only
             loss.backward()
             hooks.clip_gradients(model)                          # CGC
             optimizer.step(); optimizer.zero_grad()
+        scheduler.step()                                         # your own LR scheduler keeps working
+
+The hooks change only what they are asked to: your optimizer's LR and your LR scheduler are left
+alone unless the config you built the plan from sets ``optim.lr`` or you pass ``set_lr=True``; then
+the hooks write the plan's LR every update and refuse an LR scheduler on the same optimizer.
+
+``F.cross_entropy`` re-normalises what it is given, so the CST line is right for a model that ends
+in ``log_softmax`` too: ``log_softmax(log_softmax(z) / T) == log_softmax(z / T)``. With ``F.nll_loss``
+re-normalise first, ``F.nll_loss(F.log_softmax(hooks.scale_logits(output), dim=1), y)``: log-probabilities
+divided by T are not log-probabilities, and ``nll_loss`` of them is only the loss divided by T.
 
 Unlike the reference code, cyclical weight decay and cyclical clipping work together (its
 ``if wd … elif clip`` turned clipping off whenever CWD was on), and weight decay goes into every
@@ -29,6 +40,8 @@ Example:
     >>> decay, no_decay = optimizer.param_groups
     >>> decay["weight_decay"] == knobs["optim.weight_decay"], no_decay["weight_decay"]
     (True, 0.0)
+    >>> decay["lr"], "optim.lr" in knobs  # the config left optim.lr out: the plan's LR is returned, yours stays
+    (0.1, True)
 """
 
 from __future__ import annotations
@@ -40,7 +53,7 @@ from torch import Tensor, nn
 
 from cycdata.plan import Plan
 
-__all__ = ["CLIP_MODES", "CyclicalHooks", "clip_gradients"]
+__all__ = ["CLIP_MODES", "CyclicalHooks", "clip_gradients", "has_lr_scheduler"]
 
 CLIP_MODES = ("norm", "value", "agc")
 
@@ -84,6 +97,34 @@ def clip_gradients(
     return None
 
 
+def has_lr_scheduler(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether an LR scheduler is attached to ``optimizer``.
+
+    The rule: a param group's ``initial_lr`` is a scheduler's mark (every ``torch.optim.lr_scheduler``
+    scheduler but ``ReduceLROnPlateau`` sets it when constructed, and so do timm's), unless it can only
+    have come from a state dict: ``Optimizer.state_dict()`` keeps the key, so an optimizer loaded from a
+    checkpoint of a scheduled run has it too. A live torch scheduler always wraps the optimizer's
+    ``step`` (to warn when ``scheduler.step()`` comes first), which a state dict never carries; so
+    ``initial_lr`` with an unwrapped ``step`` and per-parameter state already there (a loaded optimizer)
+    does not count. Not seen: ``ReduceLROnPlateau`` (it leaves no mark), and a non-torch scheduler put on
+    an optimizer that already has state.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+        >>> before = has_lr_scheduler(opt)
+        >>> _ = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+        >>> before, has_lr_scheduler(opt)
+        (False, True)
+    """
+    if not any("initial_lr" in group for group in optimizer.param_groups):
+        return False
+    step = optimizer.step
+    # torch >= 2.2 marks its wrapper ``_wrapped_by_lr_sched``; torch 2.1 marked it ``_with_counter``.
+    if getattr(step, "_wrapped_by_lr_sched", False) or getattr(step, "_with_counter", False):
+        return True
+    return not optimizer.state
+
+
 class CyclicalHooks:
     """Applies a plan's optimizer-side knobs to an optimizer as training progresses.
 
@@ -93,15 +134,22 @@ class CyclicalHooks:
         plan: the run's plan (knobs ``optim.lr``, ``optim.weight_decay``, ``optim.momentum``, ``temperature``,
             ``grad_clip``). A cyclical momentum is written into every group (``betas[0]`` for Adam-family).
         clip_mode: ``norm``, ``value`` or ``agc`` for the ``grad_clip`` knob.
-        set_lr: write the plan's ``optim.lr`` into every group (times the group's ``lr_scale``
-            when present); turn off to keep your own LR scheduler.
+        set_lr: whether :meth:`update` writes the plan's ``optim.lr`` into every group (times the group's
+            ``lr_scale`` when present). ``None`` (the default): only when the LR is the user's own, i.e. the
+            parsed config set ``optim.lr`` (a number or ``{easy, hard}``; ``plan.lr_given``), so the default
+            recipe's LR never replaces yours. ``True``/``False`` force it either way.
+
+    Raises:
+        ValueError: the hooks drive the LR and an LR scheduler is attached to the optimizer (both would
+            write ``group["lr"]``; checked here and again at the first :meth:`update`, see
+            :func:`has_lr_scheduler`), or the plan's weight decay has no group with ``weight_decay > 0``.
 
     The hooks hold no state beyond the current values: after a resume, one ``update(epoch, fraction)``
     restores everything.
     """
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, plan: Plan, *, clip_mode: str = "norm", set_lr: bool = True
+        self, optimizer: torch.optim.Optimizer, plan: Plan, *, clip_mode: str = "norm", set_lr: bool | None = None
     ) -> None:
         if clip_mode not in CLIP_MODES:
             raise ValueError(f"unknown clip mode {clip_mode!r}; use one of {', '.join(CLIP_MODES)}")
@@ -109,17 +157,38 @@ class CyclicalHooks:
         self.plan = plan
         self.clip_mode = clip_mode
         self.set_lr = set_lr
+        #: Whether :meth:`update` writes the plan's LR (``set_lr``, or by default whether the config gave it).
+        self.drives_lr = "optim.lr" in plan.names and (plan.lr_given if set_lr is None else bool(set_lr))
         self.decay_groups = [i for i, g in enumerate(optimizer.param_groups) if g.get("weight_decay", 0.0) > 0]
         if "optim.weight_decay" in plan.names and not self.decay_groups and _ever_positive(plan, "optim.weight_decay"):
+            ends = plan.knob("optim.weight_decay").ends
+            planned = "a schedule" if ends is None else " .. ".join(f"{end:g}" for end in dict.fromkeys(ends))
             raise ValueError(
-                "cyclical weight decay has no param group to act on: every group has weight_decay == 0. "
-                "Build the optimizer with a non-zero weight decay on the groups to decay (e.g. "
-                "timm.optim.create_optimizer_v2(model, weight_decay=1e-4), which keeps biases and norms undecayed)"
+                f"the plan's weight decay (optim.weight_decay: {planned}) has no param group to act on: every group "
+                "of this optimizer has weight_decay == 0 (the default of Adadelta, Adam and SGD). Either give the "
+                "optimizer a weight decay on the groups to decay, e.g. torch.optim.Adadelta(model.parameters(), "
+                "lr=1.0, weight_decay=1e-4) or timm.optim.create_optimizer_v2(model, weight_decay=1e-4) (which keeps "
+                "biases and norms undecayed), and CWD writes the plan's value into them at every update; or leave "
+                "weight decay alone with optim.weight_decay: 0 in the config (load_config(path, "
+                "['optim.weight_decay=0']))"
             )
+        self._refuse_a_scheduler()
+        self._updated = False  # the first update checks for a scheduler again: one may be created after the hooks
         self.values: dict[str, float | int] = {}
         # The parameter list of a model, found once: walking the module tree every step costs
         # more than the clipping itself on a launch-bound GPU.
         self._clip_cache: tuple[nn.Module, list[Tensor]] | None = None
+
+    def _refuse_a_scheduler(self) -> None:
+        if not self.drives_lr or not has_lr_scheduler(self.optimizer):
+            return
+        why = "set_lr=True" if self.set_lr else "the config sets optim.lr"
+        raise ValueError(
+            f"CyclicalHooks drives the learning rate ({why}) and an LR scheduler is attached to the same "
+            "optimizer (its param groups carry 'initial_lr'): both would write group['lr'] and one would silently "
+            "override the other. Keep one: drop the scheduler to follow the plan's optim.lr, or keep your "
+            "scheduler and pass set_lr=False to CyclicalHooks (or leave optim.lr out of the config)"
+        )
 
     @property
     def temperature(self) -> float:
@@ -133,20 +202,27 @@ class CyclicalHooks:
         return None if value is None else float(value)
 
     def update(self, epoch: int, fraction: float = 0.0, lr_scale: float = 1.0) -> dict[str, float | int]:
-        """Compute every knob at (epoch, fraction of its samples) and write LR/WD/momentum into the optimizer.
+        """Compute every knob at (epoch, fraction of its samples) and write WD/momentum (and the LR when the
+        hooks drive it, :attr:`drives_lr`) into the optimizer.
 
-        ``lr_scale`` multiplies the planned LR (for example the batch-size coupling). Returns
-        the values, keyed by dotted knob name.
+        ``lr_scale`` multiplies the planned LR (for example the batch-size coupling). Returns every
+        knob's value, keyed by dotted knob name, ``optim.lr`` included even when it is not written.
         """
+        if not self._updated:
+            self._refuse_a_scheduler()
+            self._updated = True
         values = self.plan.at(epoch, fraction)
         if "optim.lr" in values:
             values["optim.lr"] = float(values["optim.lr"]) * lr_scale
         self.values = values
-        self.write(values)
+        self.write(values if self.drives_lr else {name: v for name, v in values.items() if name != "optim.lr"})
         return values
 
     def write(self, values: dict[str, float | int]) -> None:
         """Write the ``optim.lr``, ``optim.weight_decay`` and ``optim.momentum`` among ``values`` into the optimizer.
+
+        An explicit call: it writes the ``optim.lr`` it is given whatever ``set_lr`` says (``set_lr`` decides
+        what :meth:`update` passes here). Weight decay goes into the decay groups only.
 
         Example:
             >>> import torch
@@ -158,7 +234,7 @@ class CyclicalHooks:
             0.8
         """
         groups = self.optimizer.param_groups
-        if self.set_lr and "optim.lr" in values:
+        if "optim.lr" in values:
             for group in groups:
                 group["lr"] = values["optim.lr"] * group.get("lr_scale", 1.0)
         if "optim.weight_decay" in values:
@@ -175,6 +251,9 @@ class CyclicalHooks:
     def scale_logits(self, logits: Tensor) -> Tensor:
         """CST: ``logits / T`` for the training loss. Never call it on evaluation logits.
 
+        Give it logits, or log-probabilities followed by a loss that re-normalises (``F.cross_entropy``,
+        or ``F.log_softmax`` before ``F.nll_loss``): ``log_softmax(log_softmax(z) / T) == log_softmax(z / T)``.
+
         Example:
             >>> import torch
             >>> from cycdata.config import parse_config
@@ -188,7 +267,11 @@ class CyclicalHooks:
         return logits if temperature == 1.0 else logits / temperature
 
     def attach(self, model: nn.Module) -> torch.utils.hooks.RemovableHandle:
-        """Apply CST through a forward hook: training-mode outputs are divided by T, eval outputs not."""
+        """Apply CST through a forward hook: training-mode outputs are divided by T, eval outputs not.
+
+        The output is divided as it is: on a model ending in ``log_softmax`` use ``F.cross_entropy`` (or
+        ``log_softmax`` again before ``F.nll_loss``), see :meth:`scale_logits`.
+        """
 
         def divide(module: nn.Module, inputs: object, output: Tensor) -> Tensor:
             return self.scale_logits(output) if module.training else output
