@@ -355,8 +355,6 @@ class AugmentConfig:
     ladder: str = key(ladder, "auto", "augmentation-strength ladder: a name, a YAML file, or auto (digits for "
                       "1-channel digit datasets, default otherwise)")
     strength: Schedule = key(knob(ge=0, le=1), Cyclical(0.0, 1.0), "ladder strength in [0, 1]")
-    backend: str = key(choice("torch", "torchvision", "albumentations"), "torch",
-                       "kernels of the per-sample worker path (the trainer augments batches on the device)")
 
 
 @dataclass(frozen=True)
