@@ -19,15 +19,9 @@ import torch
 from cycdata.config import load_config
 from cycdata.loaders import CyclicalLoader, TensorImageDataset, load_dataset
 from cycdata.plan import Plan
+from cycdata.train.builders import Normalize, build_model, build_optimizer, setup_runtime
 from cycdata.train.hooks import CyclicalHooks
-from cycdata.train.trainer import (
-    EpochContext,
-    Normalize,
-    build_model,
-    build_optimizer,
-    setup_runtime,
-    train_one_epoch,
-)
+from cycdata.train.trainer import EpochContext, train_one_epoch
 
 VARIANTS = {
     # Plain: constant weight decay, no temperature, no clipping.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from cycdata.clock import Clock
 from cycdata.config import load_config
 from cycdata.schedules import Cyclical
 from cycdata.train.checkpoint import CheckpointError, load_checkpoint
+from cycdata.train.metrics import DeviceSums
+from cycdata.train.objectives import Batch, Distillation, FixMatch, Objective, SelfPaced, Supervised
 from cycdata.train.trainer import resume, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -360,3 +363,92 @@ def test_train_with_a_cyclical_ladder_logs_the_strength(tmp_path: Path) -> None:
     assert "augment.strength 1" in result.stdout  # the summary line shows it too
     # The default ladder's top rung mixes batches (cutmix): training on soft targets works end to end.
     assert all(float(r["train_loss"]) > 0 for r in rows)
+
+
+# ---- The pieces of the step: named metric sums on the device and the composed objective.
+# Golden values are worked out by hand: CE([2, 0] -> 0) = log(1 + e^-2), CE([0, 1] -> 0) = log(1 + e).
+
+CE = [0.126928, 1.313262]
+
+
+def _batch(logits: torch.Tensor, labels: list[int], labeled: int, **knobs: float) -> Batch:
+    return Batch(logits, torch.tensor(labels), torch.tensor(labels[:labeled]), labeled,
+                 torch.zeros(len(logits), 1, 2, 2), knobs)
+
+
+class _UniformTeacher(torch.nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(images), 2)
+
+
+def test_device_sums_add_by_name_without_a_host_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    sums = DeviceSums(("loss", "correct", "samples"))
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("add() read a tensor value on the host")
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "numpy", "cpu"):
+            patch.setattr(torch.Tensor, name, refuse)
+        for losses, correct in ((torch.tensor([0.5, 1.5]), torch.tensor(1)), (torch.tensor([2.0]), torch.tensor(0))):
+            sums.add({"loss": losses.sum(), "correct": correct}, samples=len(losses))
+    assert sums.totals() == {"loss": 4.0, "correct": 1.0, "samples": 3.0}
+    assert sums["loss"].dtype == torch.float64
+    with pytest.raises(KeyError, match="no metric sum named 'lost'"):
+        sums.add(lost=1.0)
+    with pytest.raises(ValueError, match="distinct names"):
+        DeviceSums(("loss", "loss"))
+
+
+def test_objective_supervised_self_paced_and_tempered_golden_values() -> None:
+    config = load_config(None, ["epochs=2"])
+    batch = _batch(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), [0, 0], 2)
+    loss, per_sample, sums = Objective(Supervised(config))(batch, None)
+    assert per_sample.tolist() == pytest.approx(CE, abs=1e-6)
+    assert loss.item() == pytest.approx(sum(CE) / 2, abs=1e-6)
+    assert {name: float(value) for name, value in sums.items()} == pytest.approx(
+        {"loss": sum(CE), "correct": 1.0, "samples": 2.0}, abs=1e-6)
+    # Self-paced weights scale each sample; the sum is divided by the batch size, not by Σv.
+    loss, _, _ = Objective(Supervised(config))(batch, torch.tensor([1.0, 0.0]))
+    assert loss.item() == pytest.approx(CE[0] / 2, abs=1e-6)
+    # The batch-level rule (hard, threshold 1.0) keeps only the sample below the threshold.
+    loss, _, _ = Objective(Supervised(config), SelfPaced(threshold=1.0))(batch, None)
+    assert loss.item() == pytest.approx(CE[0] / 2, abs=1e-6)
+    # CST: the loss sees z / T (T = 2: CE([1, 0] -> 0) = log(1 + 1/e), CE([0, 0.5] -> 0) = log(1 + √e)).
+    _, per_sample, _ = Objective(Supervised(config, lambda z: z / 2.0))(batch, None)
+    assert per_sample.tolist() == pytest.approx([0.313262, 0.974077], abs=1e-6)
+
+
+def test_objective_blends_distillation_but_the_ledger_keeps_the_supervised_loss() -> None:
+    config = load_config(None, ["epochs=2"])
+    batch = _batch(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), [0, 0], 2, **{"distill.weight": 0.25,
+                                                                          "distill.temperature": 1.0})
+    # A uniform teacher: KD_i = KL(u ‖ p_i) = −log 2 − ½·(log p_i0 + log p_i1).
+    kd = [-math.log(2) + 0.5 * (CE[0] + CE[0] + 2.0), -math.log(2) + 0.5 * (CE[1] + CE[1] - 1.0)]
+    objective = Objective(Supervised(config), distillation=Distillation(_UniformTeacher()))
+    loss, per_sample, sums = objective(batch, None)
+    assert per_sample.tolist() == pytest.approx(CE, abs=1e-6)  # what the ledger records and self-paced judges
+    assert loss.item() == pytest.approx(sum(0.75 * c + 0.25 * k for c, k in zip(CE, kd)) / 2, abs=1e-6)
+    assert float(sums["distill"]) == pytest.approx(sum(kd), abs=1e-6)
+    assert objective.sums == ("loss", "correct", "samples", "distill")
+
+
+def test_fixmatch_term_golden_values_and_nan_metrics_without_unlabeled_samples() -> None:
+    config = load_config(None, ["epochs=2"])
+    # Unlabeled: weak views [3, 0] (p = 0.953 ≥ τ, pseudo-label 0) and [0, 0.5] (p = 0.62: masked out);
+    # the confident one's strong view [0, 0] costs log 2; the term is λ times the mean over both.
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0], [0.0, 0.5], [0.0, 0.0], [9.0, 0.0]])
+    objective = Objective(Supervised(config), fixmatch=FixMatch(confidence=0.9, weight=2.0))
+    loss, _, sums = objective(_batch(logits, [0, 0, 1, 1], 2), None)
+    assert loss.item() == pytest.approx(sum(CE) / 2 + 2.0 * math.log(2) / 2, abs=1e-6)
+    assert {name: float(sums[name]) for name in FixMatch.sums} == pytest.approx(
+        {"unlabeled_loss": math.log(2), "confident": 1.0, "unlabeled": 2.0, "pseudo_correct": 0.0}, abs=1e-6)
+    # No unlabeled sample in the batch (ratio 0): no term, and NaN rather than 0 for its rates.
+    loss, _, sums = objective(_batch(logits[:2], [0, 0], 2), None)
+    assert loss.item() == pytest.approx(sum(CE) / 2, abs=1e-6)
+    totals = {name: float(value) for name, value in sums.items()}
+    metrics = objective.metrics(totals, {"grad_norm": 1.5})
+    assert list(metrics) == ["train_loss", "train_accuracy", "train_samples", "grad_norm", "unlabeled_loss",
+                             "unlabeled_samples", "pseudo_label_rate", "pseudo_label_accuracy"]  # the CSV's columns
+    assert metrics["unlabeled_samples"] == 0 and math.isnan(metrics["pseudo_label_rate"])
+    assert math.isnan(metrics["unlabeled_loss"]) and math.isnan(metrics["pseudo_label_accuracy"])

@@ -1,4 +1,5 @@
-"""Atomic, versioned checkpoints: write to a temporary file in the same folder, then rename.
+"""Atomic, versioned checkpoints: write to a temporary file in the same folder, then rename; and a
+run's save and resume on top of them (``last.pt`` every epoch, ``best.pt`` when test accuracy improves).
 
 A reader therefore sees either the old file or the new one, never half of one, even when the
 run is killed while saving.
@@ -13,22 +14,36 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+
+from cycdata.config import RunConfig, config_to_dict, parse_config, read_yaml
+
+if TYPE_CHECKING:
+    from cycdata.loaders.torch_loader import CyclicalLoader
+    from cycdata.train.builders import Runtime
 
 __all__ = [
     "CHECKPOINT_VERSION",
     "CheckpointError",
+    "RunState",
     "capture_rng_state",
     "load_checkpoint",
     "restore_rng_state",
+    "restore_run",
+    "resume",
     "save_checkpoint",
+    "save_run",
 ]
 
 CHECKPOINT_VERSION = 1
@@ -89,3 +104,96 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# A run's checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    """Where a run stands between epochs, besides its weights, optimizer and loader."""
+
+    epoch: int = 0  # the next epoch to run
+    best_accuracy: float = -math.inf
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per finished epoch
+
+    def record(self, row: dict[str, Any]) -> bool:
+        """Count the finished epoch ``row`` in; returns whether its test accuracy is the best so far."""
+        improved = row["test_accuracy"] > self.best_accuracy
+        self.best_accuracy = max(self.best_accuracy, row["test_accuracy"])
+        self.epoch = row["epoch"] + 1
+        self.history.append(row)
+        return improved
+
+
+def restore_run(
+    state: dict[str, Any] | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: CyclicalLoader,
+    rank: int,
+) -> RunState:
+    """Load a checkpoint ``state`` (None: a fresh run) into the model, optimizer, loader and this rank's RNG.
+
+    Call it on the unwrapped model, before DistributedDataParallel broadcasts rank 0's weights.
+    """
+    if state is None:
+        return RunState()
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+    if state.get("data_state"):
+        loader.load_state_dict(state["data_state"])  # the ledger, sampler position and RNG
+    return RunState(state["epoch"], state["best_accuracy"], state["history"])
+
+
+def save_run(
+    folder: Path,
+    runtime: Runtime,
+    run: RunState,
+    *,
+    improved: bool,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: RunConfig,
+    data_state: dict[str, Any],
+) -> None:
+    """Atomic last.pt of ``run``; best.pt too when the epoch ``improved`` the test accuracy.
+
+    Every rank calls it: the checkpoint holds the RNG states of all of them; rank 0 writes it.
+    """
+    rng = [capture_rng_state()]
+    if runtime.distributed:
+        gathered: list[Any] = [None] * runtime.world_size
+        dist.all_gather_object(gathered, rng[0])
+        rng = gathered
+    if runtime.is_main:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": run.epoch,
+            "best_accuracy": run.best_accuracy,
+            "history": run.history,
+            "rng": rng,
+            "config": config_to_dict(config),
+            "data_state": data_state,
+        }
+        save_checkpoint(state, folder / "last.pt")
+        if improved:
+            save_checkpoint(state, folder / "best.pt")
+    if runtime.distributed:
+        dist.barrier()
+
+
+def resume(run_dir: str | Path, stop_after: int | None = None) -> dict[str, Any]:
+    """Continue a killed or stopped run from ``run_dir/last.pt`` with the run's saved config."""
+    from cycdata.train.trainer import train  # the trainer builds on this module
+
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir / "last.pt")
+    config = parse_config(read_yaml(run_dir / "config.yaml"))
+    if state["epoch"] >= config.epochs:
+        return state["history"][-1]
+    return train(config, run_dir, resume_from=state, stop_after=stop_after)

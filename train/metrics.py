@@ -1,5 +1,5 @@
-"""Evaluation metrics accumulated on the device (top-1, NLL, expected calibration error) and the
-run folder's logs (``metrics.csv``, TensorBoard events, PNG plots).
+"""Metrics accumulated on the device (named training sums; top-1, NLL and expected calibration error
+at evaluation) and the run folder's logs (``metrics.csv``, TensorBoard events, PNG plots).
 
 Example:
     >>> import torch
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,53 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["KNOB_PREFIXES", "EvalAccumulator", "RunLogger"]
+__all__ = ["KNOB_PREFIXES", "DeviceSums", "EvalAccumulator", "RunLogger", "summary_line"]
 
 #: Dotted-name prefixes of the knobs in a metrics row (the rest are metrics).
 KNOB_PREFIXES = ("optim.", "data.", "temperature", "grad_clip", "loss.", "augment.", "self_paced.", "semi_supervised.",
                  "distill.")
+
+
+class DeviceSums:
+    """Named running sums kept on the device: :meth:`add` reads nothing on the host, :meth:`totals` reads all once.
+
+    One float64 tensor holds every field, so an epoch's DDP reduction is one ``all_reduce`` and its read one
+    transfer; float64, so that summing float32 losses over a long epoch loses nothing that shows.
+
+    Example:
+        >>> sums = DeviceSums(("loss", "samples"))
+        >>> for losses in (torch.tensor([0.5, 1.5]), torch.tensor([1.0])):
+        ...     sums.add({"loss": losses.sum()}, samples=len(losses))
+        >>> sums.totals()
+        {'loss': 3.0, 'samples': 3.0}
+    """
+
+    def __init__(self, names: Iterable[str], device: torch.device | None = None) -> None:
+        self.names = tuple(names)
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"metric sums need distinct names, got {self.names}")
+        self._slots = {name: slot for slot, name in enumerate(self.names)}
+        self.values = torch.zeros(len(self.names), dtype=torch.float64, device=device)
+
+    def add(self, sums: Mapping[str, Tensor | float] | None = None, **more: Tensor | float) -> None:
+        """Add a step's values (device tensors or numbers) to the named sums, on the device."""
+        for name, value in {**(sums or {}), **more}.items():
+            if name not in self._slots:
+                raise KeyError(f"no metric sum named {name!r}; this accumulator has {', '.join(self.names)}")
+            self.values[self._slots[name]] += value
+
+    def __getitem__(self, name: str) -> Tensor:
+        """The running sum ``name`` as a 0-d device tensor (reading it is the caller's host sync)."""
+        return self.values[self._slots[name]]
+
+    def all_reduce(self) -> None:
+        """Sum over all DDP ranks."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.values)
+
+    def totals(self) -> dict[str, float]:
+        """Every sum by name: the one host read."""
+        return dict(zip(self.names, self.values.tolist()))
 
 
 class EvalAccumulator:
@@ -143,3 +185,14 @@ class RunLogger:
                 axis.grid(alpha=0.3)
             axes[-1, 0].set_xlabel("epoch")
             save_figure(figure, self.folder / filename, dpi=100)
+
+
+def summary_line(row: Mapping[str, Any], epochs: int) -> str:
+    """The one line printed after each epoch: loss, accuracies, calibration, every knob and the speed."""
+    knobs = "  ".join(f"{name} {value:.4g}" for name, value in row.items() if name.startswith(KNOB_PREFIXES))
+    return (
+        f"epoch {row['epoch'] + 1:>3}/{epochs}  loss {row['train_loss']:.4f}  "
+        f"train {100 * row['train_accuracy']:.2f}%  test {100 * row['test_accuracy']:.2f}%  "
+        f"nll {row['test_nll']:.4f}  ece {row['test_ece']:.4f}  {knobs}  "
+        f"{row['images_per_second']:.0f} img/s  {row['epoch_seconds']:.1f}s"
+    )

@@ -257,7 +257,7 @@ class _Probe:
 
     def __init__(self, config: RunConfig, device: torch.device) -> None:
         from cycdata.loaders.datasets import load_dataset
-        from cycdata.train.trainer import limit_train
+        from cycdata.train.builders import limit_train
 
         data = limit_train(load_dataset(config.data.dataset), config.data.train_limit)
         images, labels = getattr(data.train, "images", None), getattr(data.train, "labels", None)
@@ -299,15 +299,9 @@ def range_test(config: RunConfig, knob: str, *, low: float | None = None, high: 
     """
     from cycdata.plan import Plan
     from cycdata.samplers import epoch_generator
+    from cycdata.train.builders import Normalize, build_model, build_optimizer, resolve_ladder, setup_runtime
     from cycdata.train.hooks import CyclicalHooks
-    from cycdata.train.trainer import (
-        Normalize,
-        build_model,
-        build_optimizer,
-        resolve_ladder,
-        setup_runtime,
-        training_loss,
-    )
+    from cycdata.train.objectives import training_loss
 
     if knob not in KNOB_SPECS:
         raise ConfigError("range-test", f"cannot sweep {knob!r}; choose one of {', '.join(KNOB_SPECS)}")

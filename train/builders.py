@@ -1,0 +1,325 @@
+"""What a run is built from, before its first step: the runtime, the data, the model and teacher, the
+optimizer and the loaders. Each builder turns one part of a validated config into one object and
+refuses what it cannot build with a :class:`~cycdata.config.ConfigError` naming the key.
+
+Example:
+    >>> from cycdata.config import parse_config
+    >>> from cycdata.loaders.datasets import load_dataset
+    >>> config = parse_config({"epochs": 2, "model": "test_resnet", "data": {"dataset": "synthetic:64"}})
+    >>> data = load_dataset(config.data.dataset)
+    >>> model = build_model(config, data)
+    >>> resolve_ladder(config, data).name, sum(p.numel() for p in model.parameters()) > 0
+    ('default', True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from cycdata.augment_ladder.ladder import Ladder, LadderError, load_ladder
+from cycdata.config import ConfigError, RunConfig
+from cycdata.loaders.datasets import DatasetSplits, TensorImageDataset
+from cycdata.loaders.device_loader import fits_in_memory
+from cycdata.loaders.torch_loader import BatchLoader, CyclicalLoader
+from cycdata.plan import Plan
+from cycdata.samplers import ShuffledBatchSampler
+from cycdata.train.weights import build_teacher, load_weights
+
+__all__ = [
+    "Normalize",
+    "Runtime",
+    "autocast",
+    "build_model",
+    "build_normalize",
+    "build_optimizer",
+    "build_run_model",
+    "build_run_teacher",
+    "build_test_loader",
+    "build_train_loader",
+    "labeled_subset",
+    "limit_train",
+    "resolve_ladder",
+    "setup_runtime",
+    "wrap_for_training",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Where the run happens
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: device, rank and world size."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(requested: str) -> Runtime:
+    """Pick the device and join the process group when launched by ``torchrun``."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if requested == "auto":
+        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("runtime.device", f"got {requested!r} but no CUDA device is available; use auto or cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device=device, rank=rank, world_size=world_size)
+
+
+def autocast(config: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``runtime.amp`` is on; a no-op context otherwise."""
+    if config.runtime.amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _channels_last(config: RunConfig, runtime: Runtime) -> bool:
+    # With torch.compile, inductor picks memory layouts itself; channels_last weights on top of it
+    # trip a stride assertion in its convolution backward (seen with torch 2.11 on an H200).
+    return config.runtime.channels_last and runtime.device.type == "cuda" and not config.runtime.compile
+
+
+# --------------------------------------------------------------------------------------------
+# The data
+# --------------------------------------------------------------------------------------------
+
+
+def limit_train(data: DatasetSplits, count: int | None) -> DatasetSplits:
+    """The splits with the train split cut to a fixed, class-balanced subset of ``count`` samples."""
+    if count is None:
+        return data
+    labels = getattr(data.train, "labels", None)
+    images = getattr(data.train, "images", None)
+    if not isinstance(labels, Tensor) or not isinstance(images, Tensor):
+        raise ConfigError("data.train_limit", f"needs an in-memory dataset; {data.name} is read lazily")
+    if count >= len(labels):
+        return data
+    chosen = labeled_subset(labels, count, data.num_classes)
+    return replace(data, train=TensorImageDataset(images[chosen], labels[chosen]))
+
+
+def labeled_subset(labels: Tensor, count: int, num_classes: int) -> Tensor:
+    """A fixed, class-balanced choice of ``count`` labeled samples (seed 0: the same for every run).
+
+    Example:
+        >>> labeled_subset(torch.tensor([0, 1] * 50), 10, 2).numel()
+        10
+    """
+    generator = torch.Generator().manual_seed(0)
+    per_class = [count // num_classes + (1 if c < count % num_classes else 0) for c in range(num_classes)]
+    chosen = []
+    for cls, take in enumerate(per_class):
+        members = (labels == cls).nonzero().flatten()
+        if take > len(members):
+            raise ConfigError(
+                "semi_supervised.labeled",
+                f"asks for {count} labeled samples, but class {cls} has only "
+                f"{len(members)}; use at most {len(members) * num_classes}",
+            )
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    return torch.cat(chosen).sort().values
+
+
+def resolve_ladder(config: RunConfig, data: DatasetSplits) -> Ladder | None:
+    """The run's ladder (``auto``: ``digits`` for 1-channel digit data, else ``default``); None for ``none``."""
+    name = config.augment.ladder
+    if name == "auto":
+        name = "digits" if data.name in ("mnist5k", "digits") or data.in_chans == 1 else "default"
+    if name == "none":
+        return None
+    try:
+        return load_ladder(name)
+    except LadderError as error:
+        raise ConfigError("augment.ladder", str(error)) from None
+
+
+def _workers(config: RunConfig, dataset: object) -> int:
+    """In-memory datasets are gathered in the main process: worker processes would only add copies."""
+    return 0 if hasattr(dataset, "images") else config.data.num_workers
+
+
+def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> CyclicalLoader:
+    """The training loader: every data-side knob of the config, rank-aware (the one place a CyclicalLoader is built)."""
+    options: dict[str, Any] = {
+        "epochs": config.epochs,
+        "batch_size": config.data.batch_size,
+        "seed": config.seed,
+        "shuffle": True,
+        "schedule_unit": config.schedule_unit,
+        "normalization": config.normalization,
+        "cycle": (config.cycle.start, config.cycle.end),
+        "rank": runtime.rank,
+        "world_size": runtime.world_size,
+        "pin_memory": runtime.device.type == "cuda",
+        "ledger_device": runtime.device if runtime.device.type == "cuda" else None,
+        "device": runtime.device,
+    }
+    placement = config.data.placement
+    if placement == "auto" and hasattr(data.train, "images"):
+        placement = "device" if fits_in_memory(data.train.images.numel(), runtime.device) else "workers"
+    options["placement"] = placement
+    if placement == "ffcv":
+        options["num_workers"] = config.data.num_workers
+    elif placement in ("workers", "auto"):
+        options["num_workers"] = _workers(config, data.train) if placement == "auto" else config.data.num_workers
+        if options["num_workers"] > 0:
+            options["persistent_workers"] = True
+    sp, ssl = config.self_paced, config.semi_supervised
+    if sp is not None:
+        options["ledger_ema"] = sp.ema
+    if sp is not None and sp.level == "epoch":
+        options.update(
+            keep=sp.keep,
+            threshold=sp.threshold,
+            weighting=sp.weighting,
+            per_class=sp.per_class,
+            refresh_fraction=sp.refresh,
+            labels=getattr(data.train, "labels", None),
+        )
+    if ssl is not None:
+        labels = getattr(data.train, "labels", None)
+        if labels is None:
+            raise ConfigError("semi_supervised", f"needs a dataset with in-memory labels; {data.name} has none")
+        options.update(labeled=labeled_subset(labels, ssl.labeled, data.num_classes), unlabeled_ratio=ssl.ratio)
+    try:
+        return CyclicalLoader(data.train, **options)
+    except ValueError as error:  # a placement that cannot serve this dataset
+        raise ConfigError("data.placement", str(error)) from None
+
+
+def build_test_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> BatchLoader:
+    """The evaluation loader: every test sample once, in order, split across the ranks."""
+    sampler = ShuffledBatchSampler(
+        len(data.test),
+        config.data.eval_batch_size,
+        shuffle=False,
+        pad=False,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+    )
+    # A .beton test split is decoded once: evaluation reads every image every epoch anyway.
+    test_data = data.test.decoded() if hasattr(data.test, "decoded") else data.test
+    return BatchLoader(test_data, sampler, num_workers=_workers(config, test_data),
+                       pin_memory=runtime.device.type == "cuda")
+
+
+class Normalize(nn.Module):
+    """uint8 images (or float images in [0, 1]) on the device -> normalized float, done on the device."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("scale", 1.0 / torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(self, images: Tensor) -> Tensor:
+        images = images.to(memory_format=self.memory_format)
+        pixels = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        return (pixels - self.mean) * self.scale
+
+
+def build_normalize(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> Normalize:
+    """The dataset's normalization on the device, in the model's memory layout."""
+    return Normalize(data.mean, data.std, _channels_last(config, runtime)).to(runtime.device)
+
+
+# --------------------------------------------------------------------------------------------
+# The networks and the optimizer
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(config: RunConfig, data: DatasetSplits) -> nn.Module:
+    """The timm model ``config.model`` for the dataset's classes and channels (initialised from the global RNG)."""
+    import timm
+
+    try:
+        return timm.create_model(config.model, num_classes=data.num_classes, in_chans=data.in_chans)
+    except RuntimeError as error:  # timm's "Unknown model" is a RuntimeError
+        raise ConfigError("model", f"{error}; see timm.list_models() for names") from None
+
+
+def build_run_model(config: RunConfig, data: DatasetSplits, runtime: Runtime, *, fresh: bool) -> nn.Module:
+    """The run's model on its device: seeded, with ``config.init``'s weights on a ``fresh`` (not resumed) run."""
+    torch.manual_seed(config.seed)  # same initial weights on every rank (DDP broadcasts them anyway)
+    model = build_model(config, data)
+    if config.init is not None and fresh:
+        report = load_weights(model, config.init)  # weights only: this run starts its own schedule
+        if runtime.is_main:
+            print(report.summary(), flush=True)
+    model = model.to(runtime.device)
+    if _channels_last(config, runtime):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_run_teacher(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> nn.Module | None:
+    """The frozen distillation teacher of ``config.distill`` on the device; None without distillation."""
+    if config.distill is None:
+        return None
+    teacher, description = build_teacher(config.distill.teacher, num_classes=data.num_classes,
+                                         in_chans=data.in_chans, device=runtime.device)
+    if runtime.is_main:
+        print(description, flush=True)
+    return teacher
+
+
+def wrap_for_training(model: nn.Module, config: RunConfig, runtime: Runtime) -> nn.Module:
+    """The module the steps call: DistributedDataParallel under ``torchrun``, compiled when asked.
+
+    Evaluation and checkpoints keep using the unwrapped ``model`` (its state dict has no ``module.`` prefix).
+    """
+    wrapped = model
+    if runtime.distributed:
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        )
+    if config.runtime.compile:
+        wrapped = torch.compile(wrapped)  # type: ignore[assignment]
+    return wrapped
+
+
+def build_optimizer(model: nn.Module, config: RunConfig, plan: Plan) -> torch.optim.Optimizer:
+    """timm's optimizer factory: biases and norms go to a no-decay group, the rest to the decay group."""
+    import timm.optim
+
+    first = plan.at(0)
+    knob = plan.knob("optim.weight_decay")
+    start = max(knob.ends) if knob.ends else float(first["optim.weight_decay"])
+    momentum = float(first.get("optim.momentum", plan.momentum))
+    options: dict[str, Any] = {"momentum": momentum}
+    name = config.optim.name
+    if name == "sgd":
+        name = "sgd" if config.optim.nesterov else "momentum"  # timm: "sgd" is Nesterov, "momentum" is not
+    else:
+        options = {"betas": (momentum, 0.999)}
+    # The initial LR, momentum and weight decay only build the groups; the hooks overwrite them before step 1.
+    return timm.optim.create_optimizer_v2(model, opt=name, lr=float(first["optim.lr"]), weight_decay=start,
+                                          **options)
