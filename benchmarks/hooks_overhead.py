@@ -59,8 +59,8 @@ def main() -> None:
         plan = Plan.from_config(config)
         model = build_model(config, data).to(runtime.device)
         optimizer = build_optimizer(model, config, plan)
-        hooks = CyclicalHooks(optimizer, plan, clip_mode="norm")
-        loader = CyclicalLoader(subset, epochs=config.epochs, batch_size=args.batch_size, seed=0)
+        hooks = CyclicalHooks(optimizer, plan, clip_mode="norm", set_lr=True)  # as the trainer
+        loader = CyclicalLoader(subset, epochs=config.epochs, batch_size=args.batch_size, shuffle=True, seed=0)
         normalize = Normalize(data.mean, data.std, channels_last=False).to(runtime.device)
         context = EpochContext(hooks=hooks, optimizer=optimizer, config=config, normalize=normalize, runtime=runtime)
         runs[name] = (model, loader, context)

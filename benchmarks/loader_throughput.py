@@ -68,7 +68,8 @@ def main() -> None:
     data = load_dataset(f"synthetic:{args.samples}")
     # The tensors served one item at a time: placement="workers" keeps the CyclicalLoader per sample too.
     per_sample = data.train
-    knobs = {"epochs": 2 * args.epochs + 2, "batch_size": {"easy": 256, "hard": 64}, "keep": {"easy": 0.5, "hard": 1.0}}
+    knobs = {"epochs": 2 * args.epochs + 2, "batch_size": {"easy": 256, "hard": 64}, "keep": {"easy": 0.5, "hard": 1.0},
+             "shuffle": True, "seed": 0}
     workers = {"num_workers": args.workers, "persistent_workers": args.workers > 0}
     def plain(dataset: Dataset, **options: object) -> DataLoader:
         sampler = BatchSampler(RandomSampler(dataset), batch_size=128, drop_last=False)

@@ -330,7 +330,8 @@ def range_test(config: RunConfig, knob: str, *, low: float | None = None, high: 
         model = build_model(config, probe.data).to(runtime.device)
         plan = Plan.from_config(config)
         optimizer = build_optimizer(model, config, plan)
-        hooks = CyclicalHooks(optimizer, plan, clip_mode=config.grad_clip.mode if config.grad_clip else "norm")
+        hooks = CyclicalHooks(optimizer, plan, clip_mode=config.grad_clip.mode if config.grad_clip else "norm",
+                              set_lr=True)
         hooks.update(0)
         return model.train(), optimizer, hooks
 
