@@ -129,6 +129,7 @@ def measure_dataset(name: str, images: torch.Tensor, labels: torch.Tensor, beton
     dl_workers = {"num_workers": workers, "persistent_workers": workers > 0}
 
     def variants(source: Any, placement: str, **options: Any) -> tuple[Any, Any, Any]:
+        options = {"shuffle": True, "seed": 0, **options}  # a shuffled order, as the DataLoader baseline's
         def plain(batch_size: int) -> CyclicalLoader:
             return CyclicalLoader(source, epochs=2, batch_size=batch_size, placement=placement, **options)
 
