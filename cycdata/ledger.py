@@ -213,6 +213,7 @@ class LossLedger:
         self.record_count = torch.zeros(size, dtype=torch.int32, device=device)
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # a device counter: no sync to count
         self._pending: list[tuple[Tensor, Tensor]] = []
+        self._staged_elsewhere = False  # whether a queued record lies on another device than the ledger
 
     # -- recording ----------------------------------------------------------------------------
 
@@ -239,17 +240,22 @@ class LossLedger:
             >>> ledger.pending_records
             2
         """
-        _check_record(indices, losses)
         device = self.losses.device
-        if indices.device == device and losses.device == device and indices.dtype == torch.int64 \
-                and losses.dtype == torch.float32:  # the common case, a few microseconds cheaper per step
-            self._pending.append((indices.detach().clone() if copy_indices else indices, losses.detach().clone()))
+        # The common case (a loader's CPU int64 indices, float32 losses, all on the ledger's device) is
+        # checked with attribute reads only and costs one copy: this runs once per training step.
+        if (type(indices) is Tensor and type(losses) is Tensor and indices.dtype is torch.int64
+                and losses.dtype is torch.float32 and indices.ndim == 1 and losses.ndim == 1
+                and indices.shape == losses.shape and indices.device == device and losses.device == device):
+            losses = losses.detach() if losses.requires_grad else losses
+            self._pending.append((indices.clone() if copy_indices else indices, losses.clone()))
             return
+        _check_record(indices, losses)
         # Only metadata is inspected above; the copies below are asynchronous (see _staging_device).
-        index_device = _staging_device(indices.device, self.device)
-        loss_device = _staging_device(losses.device, self.device)
+        index_device = _staging_device(indices.device, device)
+        loss_device = _staging_device(losses.device, device)
         staged_indices = indices.detach().to(index_device, torch.int64, non_blocking=True, copy=True)
         staged_losses = losses.detach().to(loss_device, torch.float32, non_blocking=True, copy=True)
+        self._staged_elsewhere |= index_device != device or loss_device != device
         self._pending.append((staged_indices, staged_losses))
 
     @property
@@ -260,11 +266,16 @@ class LossLedger:
     def _take_pending(self) -> tuple[Tensor, Tensor]:
         """Concatenate and clear this rank's queue, on the ledger's device."""
         pending, self._pending = self._pending, []
-        indices = [part.to(self.device) for part, _ in pending]
-        losses = [part.to(self.device) for _, part in pending]
-        empty_indices = torch.zeros(0, dtype=torch.int64, device=self.device)
-        empty_losses = torch.zeros(0, dtype=torch.float32, device=self.device)
-        return torch.cat([empty_indices, *indices]), torch.cat([empty_losses, *losses])
+        device = self.losses.device
+        if not pending:
+            return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.float32, device=device)
+        indices = [part for part, _ in pending]
+        losses = [part for _, part in pending]
+        if self._staged_elsewhere:  # some records wait on an accelerator (a CPU ledger): move each part
+            self._staged_elsewhere = False
+            indices = [part.to(device) for part in indices]
+            losses = [part.to(device) for part in losses]
+        return torch.cat(indices), torch.cat(losses)
 
     def synchronize(self) -> None:
         """Apply every queued record (all ranks' under ``torch.distributed``), in order.
@@ -279,6 +290,8 @@ class LossLedger:
             >>> ledger.num_seen(), ledger.nonfinite_count
             (0, 1)
         """
+        if not self._pending and _distributed_world() == 1:
+            return  # nothing to apply, no peer to gather from
         indices, losses = self._take_pending()
         if _distributed_world() > 1:
             import torch.distributed as dist
@@ -320,19 +333,27 @@ class LossLedger:
         self.losses.index_copy_(0, indices, losses)
 
     def _apply_repeated(self, indices: Tensor, losses: Tensor) -> None:
-        """Some index is recorded more than once: group the records by index, keeping record order inside a group."""
-        # A stable sort keeps record order within an index; int32 keys sort about twice as fast.
+        """Some index is recorded more than once: the last record wins, or one EMA step per record in record order."""
+        if self.ema is None:
+            # The last record of an index is the one at its largest position: a max is exact and independent of
+            # the order in which it is computed (deterministic on every device), and needs no sort.
+            positions = torch.arange(indices.numel(), device=indices.device)
+            last = torch.full((self.size,), -1, dtype=torch.int64, device=indices.device)
+            last.scatter_reduce_(0, indices, positions, "amax")
+            distinct = (last >= 0).nonzero().squeeze(1)  # each recorded index once: plain writes are deterministic
+            self.losses.index_copy_(0, distinct, losses.index_select(0, last.index_select(0, distinct)))
+            self.record_count += torch.bincount(indices, minlength=self.size).to(torch.int32)
+            return
+        # EMA: group the records by index with a stable sort, which keeps record order inside a group.
+        # int32 keys sort about twice as fast.
         keys = indices.to(torch.int32) if self.size <= torch.iinfo(torch.int32).max else indices
         sorted_keys, order = torch.sort(keys, stable=True)
         indices, losses = sorted_keys.to(torch.int64), losses.index_select(0, order)
-        first, last = _group_starts(indices)
-        ends = last.nonzero().squeeze(1)
+        first, last_mask = _group_starts(indices)
+        ends = last_mask.nonzero().squeeze(1)
         counts = torch.diff(ends, prepend=ends.new_full((1,), -1))  # records per index
         distinct = indices.index_select(0, ends)  # each recorded index once: plain writes are deterministic
         self.record_count.index_add_(0, distinct, counts.to(torch.int32))
-        if self.ema is None:
-            self.losses.index_copy_(0, distinct, losses.index_select(0, ends))  # the last record wins
-            return
         old = self.losses.index_select(0, indices)
         start = torch.where(old.isnan(), losses, self.ema * old + (1.0 - self.ema) * losses)
         values = _ema_scan(start, losses, indices, first, self.ema)
@@ -372,6 +393,7 @@ class LossLedger:
         self.seen = self.seen.to(device)
         self.record_count = self.record_count.to(device)
         self._nonfinite = self._nonfinite.to(device)
+        self._staged_elsewhere |= bool(self._pending)
         return self  # queued records move at the next synchronize
 
     # -- state --------------------------------------------------------------------------------
@@ -417,6 +439,7 @@ class LossLedger:
         self._nonfinite = torch.tensor(int(state["nonfinite_count"]), dtype=torch.int64, device=self.device)
         pending_indices, pending_losses = state["pending_indices"], state["pending_losses"]
         self._pending = [(pending_indices.clone(), pending_losses.clone())] if pending_indices.numel() else []
+        self._staged_elsewhere = bool(self._pending)  # saved on the CPU: moved at the next synchronize
 
 
 _STATE_KEYS = ("version", "size", "ema", "losses", "seen", "record_count", "nonfinite_count", "pending_indices",
