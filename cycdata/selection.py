@@ -192,6 +192,40 @@ def _pick(ordered: Tensor, ranks: Sequence[int]) -> list[float]:
     return [float(ordered[rank - 1]) for rank in ranks]
 
 
+# numpy computes these passes over a CPU ledger several times faster than torch's CPU kernels (float
+# comparisons, reductions over bool, nonzero: 50,000 entries, 5 µs against 85 µs for ``<=``, 55 µs against
+# 420 µs for nonzero, measured with one thread); both give the same values.
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.bool, torch.int64)
+
+
+def _host_array(tensor: Tensor) -> np.ndarray | None:
+    """A numpy view of a CPU tensor of a dtype numpy holds exactly, else None (use torch)."""
+    if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_DTYPES:
+        return tensor.detach().numpy()
+    return None
+
+
+def _nonzero(mask: Tensor) -> Tensor:
+    """Positions of a 1-D mask's True entries, ascending (int64), as ``mask.nonzero().squeeze(1)``.
+
+    Example:
+        >>> _nonzero(torch.tensor([False, True, True])).tolist()
+        [1, 2]
+    """
+    host = _host_array(mask)
+    if host is not None:
+        return torch.from_numpy(np.flatnonzero(host))
+    return mask.nonzero().squeeze(1)
+
+
+def _at_most(values: Tensor, bound: float) -> Tensor:
+    """``values <= bound`` (the bound cast to the values' dtype, as torch and numpy both do for a Python float)."""
+    host = _host_array(values)
+    if host is not None:
+        return torch.from_numpy(host <= bound)
+    return values <= bound
+
+
 def _smallest_mask(values: Tensor, count: int, kth: float) -> Tensor:
     """Mask of the ``count`` smallest ``values`` (``kth`` = the count-th smallest); ties: lower index first.
 
@@ -201,7 +235,7 @@ def _smallest_mask(values: Tensor, count: int, kth: float) -> Tensor:
     """
     if count <= 0:
         return torch.zeros_like(values, dtype=torch.bool)
-    at_most = values <= kth
+    at_most = _at_most(values, kth)
     if int(torch.count_nonzero(at_most)) == count:  # no tie straddles the cut: the usual case
         return at_most
     below = values < kth
@@ -220,21 +254,20 @@ def _random_subset(mask: Tensor, count: int, generator: torch.Generator) -> Tens
         >>> int(pick.sum()), bool(pick[1])
         (2, False)
     """
-    positions = mask.nonzero().squeeze(1)
     if count <= 0:
         return torch.zeros_like(mask)
+    positions = _nonzero(mask)
     if count >= positions.numel():
         return mask.clone()
     chosen = torch.zeros_like(mask)
     if positions.numel() <= _SMALL_PERMUTATION:  # small pools: a permutation is cheaper than keys + selection
         picked = torch.randperm(positions.numel(), generator=generator, device=generator.device)[:count]
-        chosen[positions[picked.to(mask.device)]] = True
-        return chosen
+        return chosen.index_fill_(0, positions.index_select(0, picked.to(mask.device)), True)
     keys = torch.rand(positions.numel(), dtype=torch.float64, generator=generator, device=generator.device)
     keys = keys.to(mask.device)
     (kth,) = _kth_smallest(keys, [count])
-    chosen[positions[_smallest_mask(keys, count, kth)]] = True
-    return chosen
+    picked = _nonzero(_smallest_mask(keys, count, kth))
+    return chosen.index_fill_(0, positions.index_select(0, picked), True)
 
 
 def loss_quantile(losses: Tensor, fraction: float) -> float:
@@ -312,23 +345,26 @@ def _keep_part(losses: Tensor, seen: Tensor, target: int, weighting: str, refres
     unseen = ~seen
     unseen_count = int(torch.count_nonzero(unseen))
     if unseen_count >= target:
-        indices = _random_subset(unseen, target, generator).nonzero().squeeze(1)
+        indices = _nonzero(_random_subset(unseen, target, generator))
         return Selection(indices, torch.ones(indices.numel(), device=losses.device), math.nan, indices.numel(), 0)
     seen_count = losses.numel() - unseen_count
     budget = target - unseen_count  # seen samples to admit
     refresh = min(fraction_count(refresh_fraction, seen_count - budget, round_up=False), budget)
     ranked = budget - refresh  # seen samples admitted by loss
-    # Unseen entries rank last; seen losses are finite (checked by select).
-    keys = losses if unseen_count == 0 else losses.masked_fill(unseen, math.inf)
+    # Unseen entries rank last; seen losses are finite (checked by select). (index_fill_ of the unseen
+    # positions: the same as masked_fill, which is several times slower on a scattered CPU mask.)
+    keys = losses if unseen_count == 0 else losses.clone().index_fill_(0, _nonzero(unseen), math.inf)
     cuts = sorted({rank for rank in (ranked, budget) if 0 < rank})
     kth = dict(zip(cuts, _kth_smallest(keys, cuts)))
     by_rank = _smallest_mask(keys, ranked, kth.get(ranked, math.nan))
-    excluded = seen & ~_smallest_mask(keys, budget, kth.get(budget, math.nan))
-    refreshed = _random_subset(excluded, refresh, generator)
-    admitted = by_rank | refreshed
+    if refresh:
+        excluded = seen & ~_smallest_mask(keys, budget, kth.get(budget, math.nan))
+        admitted = by_rank | _random_subset(excluded, refresh, generator)
+    else:  # nothing to refresh: the admitted seen samples are the ranked ones (no random draw either way)
+        admitted = by_rank
     if unseen_count:
-        admitted |= unseen
-    indices = admitted.nonzero().squeeze(1)
+        admitted = admitted | unseen
+    indices = _nonzero(admitted)
     threshold = kth[ranked] if ranked > 0 else math.nan
     if weighting == "hard" or ranked == 0:
         return Selection(indices, torch.ones(indices.numel(), device=losses.device), threshold, unseen_count, refresh)
@@ -351,7 +387,7 @@ def _threshold_part(losses: Tensor, seen: Tensor, threshold: float, weighting: s
     excluded = seen & ~by_weight
     refresh = fraction_count(refresh_fraction, int(torch.count_nonzero(excluded)), round_up=False)
     refreshed = _random_subset(excluded, refresh, generator)
-    indices = (by_weight | refreshed | unseen).nonzero().squeeze(1)
+    indices = _nonzero(by_weight | refreshed | unseen)
     chosen_weights = torch.where(by_weight[indices], weights[indices].float(), 1.0)
     return Selection(indices, chosen_weights, float(threshold), int(torch.count_nonzero(unseen)), refresh)
 
@@ -365,6 +401,11 @@ def _seen_finite(losses: Tensor, seen: Tensor) -> bool:
     """
     if losses.numel() == 0:
         return True
+    host_seen, host_losses = _host_array(seen), _host_array(losses)
+    if host_seen is not None and host_losses is not None:
+        if host_seen.all():
+            return bool(np.isfinite(host_losses.min()) and np.isfinite(host_losses.max()))
+        return not (host_seen & ~np.isfinite(host_losses)).any()
     if bool(seen.all()):
         low, high = torch.aminmax(losses)
         return math.isfinite(float(low)) and math.isfinite(float(high))
