@@ -100,13 +100,29 @@ class DeviceSource:
         self.device = torch.device(device)
         self.images, self.labels = resident_tensors(dataset, self.device)
         self.pin_memory = pin_memory and self.device.type == "cpu"
+        self._on_cpu = self.device.type == "cpu"  # CPU indices then index the data as they are
 
     def epoch(self, batches: Iterable[Sequence[int]]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """Yield ``(images, labels, indices)`` for each batch of indices; ``indices`` stay on the CPU."""
         for batch in batches:
             indices = torch.as_tensor(batch, dtype=torch.long)
-            on_device = indices.to(self.device, non_blocking=True)
-            images, labels = self.images.index_select(0, on_device), self.labels.index_select(0, on_device)
-            if self.pin_memory:
-                images, labels = images.pin_memory(), labels.pin_memory()
-            yield images, labels, indices
+            yield (*self.take(indices), indices)
+
+    def take(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """Images and labels at ``indices`` (an int64 CPU tensor): one ``index_select`` each, where the data lives.
+
+        The loader's per-batch call: indices that are already a CPU tensor are used as they are.
+
+        Example:
+            >>> import torch
+            >>> from cycdata.loaders.datasets import TensorImageDataset
+            >>> source = DeviceSource(TensorImageDataset(torch.zeros(3, 1, 2, 2, dtype=torch.uint8), torch.arange(3)))
+            >>> images, labels = source.take(torch.tensor([2, 0]))
+            >>> tuple(images.shape), labels.tolist()
+            ((2, 1, 2, 2), [2, 0])
+        """
+        on_device = indices if self._on_cpu else indices.to(self.device, non_blocking=True)
+        images, labels = self.images.index_select(0, on_device), self.labels.index_select(0, on_device)
+        if self.pin_memory:
+            images, labels = images.pin_memory(), labels.pin_memory()
+        return images, labels

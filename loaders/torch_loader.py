@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import os
@@ -576,18 +575,14 @@ class CyclicalLoader:
     def _gather(self) -> Iterator[tuple[PlannedBatch, list[Tensor]]]:
         """Device-resident and ffcv data: batches of tensors (what default_collate would build); a ladder
         augments each whole batch where it lies, with per-sample parameters."""
-        pending: collections.deque[PlannedBatch] = collections.deque()
-
-        def indices_of(batches: Iterator[PlannedBatch]) -> Iterator[Tensor]:
-            for batch in batches:
-                pending.append(batch)
-                yield batch.indices
-
-        order: Iterable[Tensor] = indices_of(self._planned_batches())
         if self.placement == "ffcv":  # ffcv needs the epoch's whole order before it starts
-            order = list(order)
-        for images, labels, _ in self._source.epoch(order):
-            batch = pending.popleft()
+            planned = list(self._planned_batches())
+            gathered: Iterable[tuple[PlannedBatch, tuple[Tensor, ...]]] = zip(
+                planned, self._source.epoch([batch.indices for batch in planned]))
+        else:  # resident tensors: one gather per batch, when the batch is asked for
+            take = self._source.take
+            gathered = ((batch, take(batch.indices)) for batch in self._planned_batches())
+        for batch, (images, labels, *_) in gathered:
             if self.ladder is not None:
                 generator = torch.Generator(images.device)
                 generator.manual_seed(self.seed * 1_000_003 + batch.epoch * 10_007 + batch.number)
@@ -627,6 +622,14 @@ class CyclicalLoader:
 
         No host synchronisation: the losses stay on their device until the next epoch is planned.
         """
+        batch = self._batch
+        # The usual call, one loss per sample of the batch just yielded, checked with attribute reads only
+        # (this runs every step); anything else takes the checks below.
+        if batch is not None and isinstance(losses, Tensor) and losses.ndim == 1 \
+                and losses.shape[0] == batch.indices.shape[0]:
+            # The loader's index tensors are its own and never modified: no defensive copy.
+            self.ledger.record(batch.indices, losses, copy_indices=False)
+            return
         if not isinstance(losses, Tensor) or losses.ndim != 1:
             shape = f"a {losses.ndim}-d tensor" if isinstance(losses, Tensor) else type(losses).__name__
             raise ValueError(f"record_loss needs one loss per sample, a 1-d tensor; got {shape}. Compute the loss "
