@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from cycdata.plan import Plan
 
 __all__ = ["DATA_KNOBS", "CyclicalBatchSampler", "DataKnobs", "EpochPlan", "IndexStream", "PlannedBatch",
-           "SemiSupervisedBatchSampler", "ShuffledBatchSampler", "batch_count", "data_knobs", "data_plan", "epoch_generator",
-           "kept_count"]
+           "SemiSupervisedBatchSampler", "ShuffledBatchSampler", "batch_count", "data_knobs", "data_plan",
+           "epoch_generator", "kept_count"]
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
@@ -365,7 +365,7 @@ class CyclicalBatchSampler:
         return epoch in self._plans
 
     def epoch_plan(self, epoch: int) -> EpochPlan:
-        """The epoch's plan, computed once (from the ledger as it stands: apply pending records first) and then fixed."""
+        """The epoch's plan, computed once (from the ledger as it stands: apply pending records first), then fixed."""
         if epoch not in self._plans:
             knobs = self.knobs(epoch)
             selected, weights, stats = self._select(epoch, knobs)

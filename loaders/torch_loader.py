@@ -22,7 +22,7 @@ import dataclasses
 import itertools
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from torch.utils.data._utils.collate import default_collate
 
 from cycdata.ledger import LossLedger
+from cycdata.loaders.datasets import TensorImageDataset
 from cycdata.plan import Plan
 from cycdata.samplers import (
     CyclicalBatchSampler,
@@ -39,8 +40,6 @@ from cycdata.samplers import (
     SemiSupervisedBatchSampler,
     data_plan,
 )
-
-from cycdata.loaders.datasets import TensorImageDataset
 
 __all__ = ["AugmentedDataset", "BatchLoader", "CyclicalLoader", "IndexedDataset", "choose_placement",
            "is_resident_dataset"]
@@ -343,8 +342,9 @@ class CyclicalLoader:
                  seed: int | None = None, sampler: Any = None, keep: Any = None, threshold: Any = None,
                  weighting: str = "hard", per_class: bool = False, labels: Tensor | None = None,
                  labeled: Tensor | None = None, unlabeled_ratio: Any = None, factor: float = 2.0,
-                 schedule_unit: str = "epoch", normalization: str = "reference", cycle: tuple[float, float] = (0.0, 1.0),
-                 plan: Plan | None = None, select_samples: bool | None = None, refresh_fraction: float = 0.05,
+                 schedule_unit: str = "epoch", normalization: str = "reference",
+                 cycle: tuple[float, float] = (0.0, 1.0), plan: Plan | None = None,
+                 select_samples: bool | None = None, refresh_fraction: float = 0.05,
                  ledger_ema: float | None = None, ledger_device: torch.device | str | None = None,
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False, ladder: Any = None,
                  strength: Any = None, augment_backend: str = "torch", with_strength: bool = False,

@@ -69,7 +69,7 @@ def test_a_loop_that_breaks_early_still_moves_the_cycle_and_feeds_the_ledger() -
 
 def test_len_after_the_loop_is_the_epoch_just_run_and_set_epoch_chooses_the_next() -> None:
     loader = CyclicalLoader(Indexed(), epochs=3, batch_size={"easy": 40, "hard": 10}, shuffle=True, seed=1)
-    for epoch, expected in enumerate([3, 12, 3]):
+    for expected in [3, 12, 3]:
         batches = 0
         running = 0.0
         for features, _ in loader:
@@ -77,7 +77,7 @@ def test_len_after_the_loop_is_the_epoch_just_run_and_set_epoch_chooses_the_next
             batches += 1
         assert batches == expected == len(loader)  # running_loss / len(loader) after the loop is right
     loader.set_epoch(1)
-    assert len(loader) == 12 and [len(y) for _, y in loader][0] == 10  # set_epoch: what the next pass runs
+    assert len(loader) == 12 and next(len(y) for _, y in loader) == 10  # set_epoch: what the next pass runs
 
 
 def test_one_cycle_lr_sized_from_total_steps_steps_exactly_to_the_end() -> None:
