@@ -141,6 +141,36 @@ def test_record_detaches_casts_and_copies() -> None:
     assert not ledger.losses.requires_grad
 
 
+def test_common_case_record_also_detaches_and_copies() -> None:
+    """int64 indices and float32 losses on the ledger's device take the short path: the same guarantees."""
+    ledger = LossLedger(4)
+    losses = torch.tensor([0.25, 0.5], requires_grad=True) * 2
+    ledger.record(torch.tensor([1, 2]), losses)
+    scratch, indices = torch.tensor([1.0, 2.0]), torch.tensor([3, 0])
+    ledger.record(indices, scratch)
+    scratch.fill_(99.0)
+    indices.fill_(1)  # copied too (copy_indices defaults to True)
+    ledger.synchronize()
+    assert values(ledger) == [2.0, 0.5, 1.0, 1.0]
+    assert not ledger.losses.requires_grad
+
+
+def test_many_passes_of_duplicates_keep_the_last_record() -> None:
+    """Records of several passes over one epoch (every index several times): the last pass wins, counts add up."""
+    generator = torch.Generator().manual_seed(4)
+    ledger = LossLedger(1000)
+    expected = torch.full((1000,), NAN)
+    for _ in range(3):
+        order = torch.randperm(1000, generator=generator)[:700]
+        losses = torch.rand(700, generator=generator)
+        for start in range(0, 700, 64):
+            ledger.record(order[start : start + 64], losses[start : start + 64], copy_indices=False)
+        expected[order] = losses
+    ledger.synchronize()
+    assert torch.equal(ledger.losses.nan_to_num(-1.0), expected.nan_to_num(-1.0))
+    assert int(ledger.record_count.sum()) == 2100 and torch.equal(ledger.seen, ~expected.isnan())
+
+
 def test_record_does_no_host_read(monkeypatch: pytest.MonkeyPatch) -> None:
     """Structural check: record() must not read a tensor's values (item/tolist/bool/int/float/nonzero)."""
     ledger = LossLedger(10)

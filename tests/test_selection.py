@@ -417,3 +417,55 @@ def test_keep_soft_weights_with_zero_or_negative_losses() -> None:
     assert chosen.indices.tolist() == [0, 1] and chosen.weights.tolist() == [1.0, 1.0]
     zeros = select(torch.zeros(3), everything_seen(3), keep=1.0, weighting="mixture")
     assert zeros.weights.tolist() == [1.0, 1.0, 1.0] and zeros.threshold == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# The numpy passes over a CPU ledger give what torch's kernels give
+# --------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    losses=st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.0]) | st.floats(0.0, 5.0, width=32) | st.just(NAN),
+                    min_size=1, max_size=80),
+    keep=st.sampled_from([None, 0.01, 0.3, 0.5, 0.99, 1.0]),
+    refresh=st.sampled_from([0.0, 0.05, 0.5, 1.0]),
+    weighting=st.sampled_from(["hard", "linear", "mixture"]),
+    classes=st.integers(0, 3),
+    seed=st.integers(0, 3),
+)
+def test_numpy_and_torch_passes_select_the_same(losses: list[float], keep: float | None, refresh: float,
+                                                weighting: str, classes: int, seed: int) -> None:
+    import cycdata.selection as selection
+
+    values = torch.tensor(losses)
+    seen = ~values.isnan()
+    labels = None if classes == 0 or keep is None else torch.arange(len(losses)) % classes
+    mode = {"threshold": 0.9} if keep is None else {"keep": keep}
+
+    def run() -> Selection:
+        return select(values, seen, weighting=weighting, labels=labels, refresh_fraction=refresh,
+                      generator=torch.Generator().manual_seed(seed), **mode)
+
+    fast = run()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(selection, "_host_array", lambda tensor: None)  # every pass on torch's kernels
+        reference = run()
+    assert torch.equal(fast.indices, reference.indices) and fast.indices.dtype == torch.int64
+    assert torch.equal(fast.weights, reference.weights)
+    assert (fast.threshold, fast.unseen, fast.refreshed) == pytest.approx(
+        (reference.threshold, reference.unseen, reference.refreshed), nan_ok=True, rel=0, abs=0)
+
+
+def test_numpy_and_torch_passes_agree_on_large_random_subsets(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cycdata.selection as selection
+
+    count = 150_000  # unseen pool above the small-permutation size: random keys and the bracketed selection
+    generator = torch.Generator().manual_seed(9)
+    losses = torch.rand(count, generator=generator)
+    seen = torch.rand(count, generator=generator) < 0.3
+    losses[~seen] = NAN
+    fast = select(losses, seen, keep=0.4, refresh_fraction=0.05, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(selection, "_host_array", lambda tensor: None)
+    reference = select(losses, seen, keep=0.4, refresh_fraction=0.05, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(fast.indices, reference.indices) and fast.unseen == reference.unseen
