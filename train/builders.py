@@ -166,16 +166,16 @@ def _workers(config: RunConfig, dataset: object) -> int:
     return 0 if hasattr(dataset, "images") else config.data.num_workers
 
 
-def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> CyclicalLoader:
-    """The training loader: every data-side knob of the config, rank-aware (the one place a CyclicalLoader is built)."""
+def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime,
+                       plan: Plan | None = None) -> CyclicalLoader:
+    """The training loader: the data knobs of the run's plan (its one clock), rank-aware (the one place a
+    CyclicalLoader is built)."""
     options: dict[str, Any] = {
-        "epochs": config.epochs,
-        "batch_size": config.data.batch_size,
+        "plan": Plan.from_config(config) if plan is None else plan,
+        # Batch-level self-paced selection is a loss mask in the step: the loader trains on every sample.
+        "select_samples": config.self_paced is not None and config.self_paced.level == "epoch",
         "seed": config.seed,
         "shuffle": True,
-        "schedule_unit": config.schedule_unit,
-        "normalization": config.normalization,
-        "cycle": (config.cycle.start, config.cycle.end),
         "rank": runtime.rank,
         "world_size": runtime.world_size,
         "pin_memory": runtime.device.type == "cuda",
@@ -197,8 +197,6 @@ def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime)
         options["ledger_ema"] = sp.ema
     if sp is not None and sp.level == "epoch":
         options.update(
-            keep=sp.keep,
-            threshold=sp.threshold,
             weighting=sp.weighting,
             per_class=sp.per_class,
             refresh_fraction=sp.refresh,
@@ -208,7 +206,7 @@ def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime)
         labels = getattr(data.train, "labels", None)
         if labels is None:
             raise ConfigError("semi_supervised", f"needs a dataset with in-memory labels; {data.name} has none")
-        options.update(labeled=labeled_subset(labels, ssl.labeled, data.num_classes), unlabeled_ratio=ssl.ratio)
+        options.update(labeled=labeled_subset(labels, ssl.labeled, data.num_classes))
     try:
         return CyclicalLoader(data.train, **options)
     except ValueError as error:  # a placement that cannot serve this dataset

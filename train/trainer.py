@@ -247,7 +247,7 @@ def train(
     clip_mode = config.grad_clip.mode if config.grad_clip is not None else "norm"
     hooks = CyclicalHooks(optimizer, plan, clip_mode=clip_mode, set_lr=True)  # the trainer's LR is the plan's
     normalize = build_normalize(config, data, runtime)
-    train_loader = build_train_loader(config, data, runtime)
+    train_loader = build_train_loader(config, data, runtime, plan)  # the data side reads the same plan
     test_loader = build_test_loader(config, data, runtime)
     run = restore_run(resume_from, model, optimizer, train_loader, runtime.rank)
     train_model = wrap_for_training(model, config, runtime)
