@@ -160,6 +160,26 @@ def _gather_records(indices: Tensor, losses: Tensor, device: torch.device) -> tu
             torch.cat([part[:n] for part, n in zip(all_losses, sizes)]))
 
 
+# torch.cat on the CPU copies its inputs one at a time, each copy a parallel region, once the result
+# exceeds ATen's grain size (32,768 elements) and more than one thread is set; an epoch of small
+# records then costs more in thread hand-offs than in data (2 threads: 782 records of 64 take 1.4 ms,
+# 0.28 ms when concatenated in groups below the grain size, which torch copies serially).
+_CAT_GROUP = 32_767
+
+
+def _concat(parts: list[Tensor]) -> Tensor:
+    """``torch.cat(parts)`` of many small 1-D tensors, concatenated in groups below the grain size first.
+
+    Example:
+        >>> _concat([torch.arange(3), torch.arange(2)]).tolist()
+        [0, 1, 2, 0, 1]
+    """
+    step = max(1, _CAT_GROUP // max(1, parts[0].shape[0]))  # records of one batch size are the usual case
+    if len(parts) <= step:
+        return torch.cat(parts)
+    return torch.cat([torch.cat(parts[start : start + step]) for start in range(0, len(parts), step)])
+
+
 def _distributed_world() -> int:
     """World size of the default process group, 1 without one (or without torch.distributed)."""
     import torch.distributed as dist
@@ -275,7 +295,7 @@ class LossLedger:
             self._staged_elsewhere = False
             indices = [part.to(device) for part in indices]
             losses = [part.to(device) for part in losses]
-        return torch.cat(indices), torch.cat(losses)
+        return _concat(indices), _concat(losses)
 
     def synchronize(self) -> None:
         """Apply every queued record (all ranks' under ``torch.distributed``), in order.
@@ -314,7 +334,9 @@ class LossLedger:
 
     def _apply(self, indices: Tensor, losses: Tensor) -> None:
         """Write finite, in-range records with sequential semantics (see the module docstring)."""
-        touched = torch.zeros_like(self.seen).index_fill_(0, indices, True)
+        # scatter_ of one value is exact with repeated indices, and with two threads two to three times faster
+        # here than index_fill_ (50,000 records: 0.19 against 0.29 ms; 200,000: 0.7 against 2.0 ms).
+        touched = torch.zeros_like(self.seen).scatter_(0, indices, True)
         if int(torch.count_nonzero(touched)) == indices.numel():
             # Every index once (the usual epoch): one vectorised update. index_select/index_copy_
             # rather than advanced indexing: the same result, two to three times faster on CPU.
