@@ -202,7 +202,7 @@ def _command_range_test(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/range-test-{args.knob}")
     started = time.perf_counter()
     result = range_test(config, args.knob, low=args.low, high=args.high, steps=args.steps, rule=args.rule,
-                        log=lambda line: print(line, flush=True))
+                        repeats=args.repeats, log=lambda line: print(line, flush=True))
     out.mkdir(parents=True, exist_ok=True)
     plot_range(result, out / "range_test.png")
     (out / "range_test.json").write_text(result.to_json() + "\n")
@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     ranges.add_argument("--rule", choices=STEP_RULES, default=STEP_RULES[0],
                         help="a step-size knob's easy end: where the loss starts to fall (classic, default) or "
                         "where it falls fastest (steepest)")
+    ranges.add_argument("--repeats", type=int, default=1,
+                        help="sweeps with seeds seed, seed+1, ...; the ends are read on their mean curve, which "
+                        "moves less with the seed and the CPU than one sweep's (default 1)")
     ranges.add_argument("--out", metavar="DIR", help="where the plot and JSON go (default runs/range-test-KNOB)")
     ranges.set_defaults(handler=_command_range_test)
 
