@@ -4,8 +4,9 @@ One conversion writes three files side by side, from the name it is given (``m.b
 
 * ``m.train.beton`` and ``m.test.beton``: fields ``image`` (raw ``uint8 [C, H, W]`` arrays, or JPEG),
   ``label`` and ``index`` (the sample's position, so per-sample losses map back to the loss ledger);
-* ``m.json``: what a model needs to know (classes, channels, size, mean/std) and each file's size,
-  so a truncated or replaced file is caught before ffcv reads it.
+* ``m.json``: what a model needs to know (classes, channels, size, mean/std), each file's size and
+  content digest, and a checksum of itself, so a truncated, damaged or replaced file (or an edited
+  description) is refused before ffcv reads it.
 
 Reading goes through :class:`FFCVSource`, which :class:`cycdata.loaders.CyclicalLoader` uses for
 ``.beton`` data: the batch sampler (in the main process) decides each epoch's samples and batch
@@ -31,10 +32,19 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import hashlib
 import json
+import multiprocessing
 import os
+import queue
+import signal
+import sys
+import time
+import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,11 +64,14 @@ __all__ = [
     "BetonInfo",
     "FFCVMissingError",
     "FFCVSource",
+    "UnverifiedBetonWarning",
+    "beton_digest",
     "beton_paths",
     "check_beton",
     "convert",
     "load_beton",
     "require_ffcv",
+    "verify_beton",
 ]
 
 FFCV_MISSING = (
@@ -70,6 +83,10 @@ SPLITS = ("train", "test")
 FIELDS = ("image", "label", "index")
 _DECODE_BATCH = 512
 _PAGE_SIZE = 1 << 21  # ffcv's smallest page (its default is 4x): less padding in small files
+_CHUNK_BYTES = 64 << 20  # content digests hash chunks of this size in parallel threads
+_CHUNK_SAMPLES = 256  # samples a writer process takes from the work queue at a time
+_RECONVERT = "re-run cycdata convert"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # ffcv 1.0.2's on-disk layout (ffcv/types.py), mirrored here so a bad file is checked with numpy alone,
 # before any ffcv code (whose reader trusts the header) touches it.
@@ -115,7 +132,11 @@ def require_ffcv() -> Any:
 
 @dataclass(frozen=True)
 class BetonInfo:
-    """The ``.json`` beside a converted dataset: enough to build a model and to check the files."""
+    """The ``.json`` beside a converted dataset: enough to build a model and to check the files.
+
+    The file carries a ``checksum`` of its own content (an edited description is refused) and each split
+    a ``sha256`` of its ``.beton`` (flipped bytes are refused before training, see :func:`verify_beton`).
+    """
 
     name: str
     num_classes: int
@@ -125,29 +146,115 @@ class BetonInfo:
     std: tuple[float, ...]
     encoding: str  # "raw" or "jpeg"
     jpeg_quality: int | None
-    splits: dict[str, dict[str, int]]  # split -> {"samples": N, "bytes": file size}
+    splits: dict[str, dict[str, Any]]  # split -> {"samples": N, "bytes": file size, "sha256": content digest}
     source: str = ""
     format: int = FORMAT_VERSION
+    chunk_bytes: int = _CHUNK_BYTES  # the content digest's chunk size
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        fields = dataclasses.asdict(self)
+        return json.dumps({**fields, "checksum": _description_digest(fields)}, indent=2) + "\n"
 
     @classmethod
     def read(cls, path: Path) -> BetonInfo:
+        """Read and check a description; an edited, damaged or foreign one is a :class:`BetonError`."""
+        fix = f"{_RECONVERT} (cycdata convert DATASET {path.with_suffix('.beton')})"
         try:
-            raw = json.loads(path.read_text())
-            raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
-            info = cls(**raw)
+            raw = json.loads(path.read_bytes())
         except FileNotFoundError:
             raise BetonError(f"{path} is missing; it describes the .beton files beside it. Write all three with: "
                              f"cycdata convert DATASET {path.with_suffix('.beton')}") from None
-        except (ValueError, TypeError, KeyError) as error:
-            raise BetonError(f"{path} is not a cycdata beton description ({error}); "
-                             "rewrite it with cycdata convert") from None
-        if info.format != FORMAT_VERSION:
-            raise BetonError(f"{path} has format {info.format}, this cycdata reads {FORMAT_VERSION}; "
-                             "rewrite it with cycdata convert")
-        return info
+        except (OSError, ValueError) as error:  # a folder, unreadable, not JSON, not UTF-8
+            raise BetonError(f"{path} is not a cycdata beton description ({error}); {fix}") from None
+        if not isinstance(raw, dict):
+            raise BetonError(f"{path} is not a cycdata beton description (a JSON {type(raw).__name__}); {fix}")
+        digest = raw.pop("checksum", None)
+        if digest is None:
+            warnings.warn(f"{path} has no checksum (written by an older cycdata): damaged files cannot be detected; "
+                          f"{fix} to add one", UnverifiedBetonWarning, stacklevel=3)
+        elif digest != _description_digest(raw):
+            raise BetonError(f"{path} was edited or damaged (its checksum does not match its content); {fix}")
+        problem = _description_problem(raw)
+        if problem:
+            raise BetonError(f"{path} is not a cycdata beton description ({problem}); {fix}")
+        raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+        return cls(**raw)
+
+
+def _description_digest(fields: dict[str, Any]) -> str:
+    """sha256 of a description's fields in canonical JSON (key order and spacing do not count)."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _description_problem(raw: dict[str, Any]) -> str | None:
+    """What is wrong with a description's fields (an old, unchecksummed one may be hand-edited), or None."""
+    def whole(value: Any, low: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    known = {field.name for field in dataclasses.fields(BetonInfo)}
+    if set(raw) - known or {"name", "num_classes", "in_chans", "image_size", "mean", "std", "encoding",
+                            "jpeg_quality", "splits"} - set(raw):
+        return f"fields {sorted(raw)}, expected {sorted(known)}"
+    if raw.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+        return f"format {raw['format']!r}, this cycdata reads {FORMAT_VERSION}"
+    if not (whole(raw["num_classes"], 1) and raw["in_chans"] in (1, 3) and whole(raw["image_size"], 1)):
+        return "num_classes, in_chans and image_size must be positive integers (in_chans 1 or 3)"
+    for key in ("mean", "std"):
+        value = raw[key]
+        if not (isinstance(value, list) and len(value) == raw["in_chans"]
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in value)):
+            return f"{key} must be {raw['in_chans']} numbers"
+    if raw["encoding"] not in ("raw", "jpeg") or not (raw["jpeg_quality"] is None or whole(raw["jpeg_quality"], 1)):
+        return "encoding must be raw or jpeg, jpeg_quality null or an integer"
+    splits = raw["splits"]
+    if not isinstance(splits, dict) or sorted(splits) != sorted(SPLITS) or not all(
+            isinstance(s, dict) and whole(s.get("samples"), 0) and whole(s.get("bytes"), 0) for s in splits.values()):
+        return f"splits must map {list(SPLITS)} to their samples and bytes"
+    if not whole(raw.get("chunk_bytes", _CHUNK_BYTES), 1):
+        return "chunk_bytes must be a positive integer"
+    return None
+
+
+class UnverifiedBetonWarning(UserWarning):
+    """A ``.beton`` description without checksums (an older conversion): damage cannot be detected."""
+
+
+def beton_digest(path: str | os.PathLike[str], chunk_bytes: int = _CHUNK_BYTES) -> str:
+    """A file's content digest: sha256 over the sha256 of each ``chunk_bytes`` chunk.
+
+    The chunks are hashed in parallel threads (hashlib releases the GIL on large buffers), so a big
+    file is checked at several times one core's hashing speed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> file = pathlib.Path(tempfile.mkdtemp()) / "x"
+        >>> _ = file.write_bytes(b"abc")
+        >>> beton_digest(file)[:16]
+        '4f8b42c22dd3729b'
+    """
+    size = Path(path).stat().st_size
+    starts = range(0, max(size, 1), chunk_bytes)
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        def chunk_digest(start: int) -> bytes:
+            return hashlib.sha256(os.pread(descriptor, chunk_bytes, start)).digest()
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            return hashlib.sha256(b"".join(pool.map(chunk_digest, starts))).hexdigest()
+    finally:
+        os.close(descriptor)
+
+
+def verify_beton(path: str | os.PathLike[str], info: BetonInfo, split: str) -> None:
+    """Refuse a split file whose content differs from the digest its description recorded at conversion.
+
+    Descriptions from before checksums carry none; :meth:`BetonInfo.read` has warned about those already.
+    """
+    expected = info.splits[split].get("sha256")
+    if expected is not None and beton_digest(path, info.chunk_bytes) != expected:
+        raise BetonError(f"{path} is damaged: its content does not match the checksum written at conversion "
+                         f"(flipped or overwritten bytes); {_RECONVERT} (cycdata convert DATASET "
+                         f"{Path(path).with_suffix('').with_suffix('.beton')})")
 
 
 def beton_paths(path: str | os.PathLike[str]) -> dict[str, Path]:
@@ -243,17 +350,25 @@ def _metadata_type(type_ids: Sequence[int]) -> np.dtype:
 # --------------------------------------------------------------------------------------------
 
 
+class _SampleError(Exception):
+    """A sample the writer could not read; its message names the sample (and its file)."""
+
+
 class _WritableSplit:
     """Items ``(image array, label, index)`` as ffcv's writer wants them (HWC RGB for JPEG)."""
 
-    def __init__(self, dataset: Dataset, image_size: int, jpeg: bool) -> None:
-        self.dataset, self.image_size, self.jpeg = dataset, image_size, jpeg
+    def __init__(self, dataset: Dataset, image_size: int, jpeg: bool, split: str) -> None:
+        self.dataset, self.image_size, self.jpeg, self.split = dataset, image_size, jpeg, split
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
-        image, label = self.dataset[index][:2]
+        try:
+            image, label = self.dataset[index][:2]
+        except Exception as error:  # raised in a writer process: it travels to the main process as one line
+            raise _SampleError(f"cannot read {self.split} sample {index}{_sample_file(self.dataset, index, error)}: "
+                               f"{error}; fix or remove it, then {_RECONVERT}") from None
         if image.shape[-1] != self.image_size:
             image = F.interpolate(image[None].float(), size=(self.image_size, self.image_size), mode="bilinear",
                                   antialias=True, align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
@@ -265,10 +380,22 @@ class _WritableSplit:
         return np.ascontiguousarray(image.numpy()), int(label), index
 
 
+def _sample_file(dataset: Dataset, index: int, error: Exception) -> str:
+    """`` (PATH)`` for datasets of files (``samples`` of ``(path, label)``) when the error does not name it."""
+    samples = getattr(dataset, "samples", None)
+    if isinstance(samples, list) and 0 <= index < len(samples) and str(samples[index][0]) not in str(error):
+        return f" ({samples[index][0]})"
+    return ""
+
+
 def convert(dataset: str | DatasetSplits, out: str | os.PathLike[str], *, jpeg_quality: int | None = None,
             max_resolution: int | None = None, overwrite: bool = False, progress: bool = True,
             num_workers: int | None = None) -> BetonInfo:
     """Write a dataset's train and test splits to ``.beton`` files beside ``out`` (see the module docstring).
+
+    Nothing is replaced until both splits are written: a sample that cannot be read, a writer process
+    that dies or an interruption stops the conversion with a :class:`BetonError` naming the cause,
+    ends the writer processes and removes the ``.partial`` files (existing files stay as they were).
 
     Args:
         dataset: a spec :func:`cycdata.loaders.load_dataset` understands, or loaded splits.
@@ -290,6 +417,8 @@ def convert(dataset: str | DatasetSplits, out: str | os.PathLike[str], *, jpeg_q
         raise BetonError(f"--jpeg quality must be an integer in 1..100, got {jpeg_quality!r}")
     if max_resolution is not None and int(max_resolution) < 1:
         raise BetonError(f"--max-resolution must be a positive integer, got {max_resolution!r}")
+    if num_workers is not None and (isinstance(num_workers, bool) or int(num_workers) < 1):
+        raise BetonError(f"--workers must be a positive integer, got {num_workers!r}")
     paths = beton_paths(out)
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not overwrite:
@@ -302,38 +431,117 @@ def convert(dataset: str | DatasetSplits, out: str | os.PathLike[str], *, jpeg_q
     # Each writer process fills pages of its own: few processes and small pages keep small datasets small.
     workers = num_workers or max(1, min(8, os.cpu_count() or 1, len(splits.train) // 2000))
     paths["info"].parent.mkdir(parents=True, exist_ok=True)
-    written: dict[str, dict[str, int]] = {}
-    for split in SPLITS:
-        part = getattr(splits, split)
-        temporary = paths[split].with_name(paths[split].name + ".partial")
-        writer = ffcv.writer.DatasetWriter(str(temporary), {"image": image_field, "label": IntField(),
-                                                            "index": IntField()}, num_workers=workers,
-                                           page_size=_PAGE_SIZE)
-        if progress:
-            print(f"writing {split}: {len(part)} images -> {paths[split]}", flush=True)
-        _write_quietly(writer, _WritableSplit(part, size, jpeg), progress)
-        os.replace(temporary, paths[split])  # atomic: a killed conversion leaves no half-written .beton
-        written[split] = {"samples": len(part), "bytes": paths[split].stat().st_size}
-    info = BetonInfo(name=splits.name, num_classes=splits.num_classes, in_chans=splits.in_chans, image_size=size,
-                     mean=tuple(splits.mean), std=tuple(splits.std), encoding="jpeg" if jpeg else "raw",
-                     jpeg_quality=int(jpeg_quality) if jpeg else None, splits=written,
-                     source=dataset if isinstance(dataset, str) else splits.name)
-    paths["info"].write_text(info.to_json())
+    # Both splits are written beside their names and renamed only when both are complete.
+    partial = {key: path.with_name(path.name + ".partial") for key, path in paths.items()}
+    written: dict[str, dict[str, Any]] = {}
+    try:
+        for split in SPLITS:
+            part = getattr(splits, split)
+            writer = ffcv.writer.DatasetWriter(str(partial[split]), {"image": image_field, "label": IntField(),
+                                                                     "index": IntField()}, num_workers=workers,
+                                               page_size=_PAGE_SIZE)
+            if progress:
+                print(f"writing {split}: {len(part)} images -> {paths[split]}", flush=True)
+            _write_watched(writer, _WritableSplit(part, size, jpeg, split), progress)
+            written[split] = {"samples": len(part), "bytes": partial[split].stat().st_size,
+                              "sha256": beton_digest(partial[split])}
+        info = BetonInfo(name=splits.name, num_classes=splits.num_classes, in_chans=splits.in_chans,
+                         image_size=size, mean=tuple(splits.mean), std=tuple(splits.std),
+                         encoding="jpeg" if jpeg else "raw", jpeg_quality=int(jpeg_quality) if jpeg else None,
+                         splits=written, source=dataset if isinstance(dataset, str) else splits.name)
+        partial["info"].write_text(info.to_json())
+        for key in (*SPLITS, "info"):  # the description last: it vouches for the files beside it
+            os.replace(partial[key], paths[key])
+    finally:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
     return info
 
 
-def _write_quietly(writer: Any, dataset: _WritableSplit, progress: bool) -> None:
-    if progress:
-        writer.from_indexed_dataset(dataset, chunksize=256)
-        return
-    import ffcv.writer as writer_module
+# ffcv 1.0.2's DatasetWriter waits for a sample count its workers never reach when one of them dies (a
+# truncated image hangs the conversion forever), and its workers outlive a killed parent. The loop below
+# is its _write_common with the workers watched: the first failure ends them all and is raised in one line.
 
-    original = writer_module.tqdm
-    writer_module.tqdm = lambda *args, **kwargs: original(*args, **{**kwargs, "disable": True})
+
+def _write_watched(writer: Any, dataset: _WritableSplit, progress: bool) -> None:
+    """Write ``dataset`` with ``writer``'s layout; raise :class:`BetonError` when a writer process fails."""
+    from ffcv.writer import MemoryAllocator, chunks, worker_job_indexed_dataset
+    from tqdm import tqdm
+
+    total = len(dataset)
+    writer.num_samples = total
+    writer.prepare()
+    context = multiprocessing.get_context()
+    work, allocations, errors = context.Queue(), context.Queue(), context.Queue()
+    for chunk in chunks(list(enumerate(range(total))), _CHUNK_SAMPLES):
+        work.put(chunk)
+    for _ in range(writer.num_workers):
+        work.put(None)  # one stop token per worker
+    done = context.Value(ctypes.c_uint64, 0)
+    allocator = MemoryAllocator(writer.fname, writer.data_region_start, writer.page_size)
+    job = (work, writer.metadata_sm, writer.metadata_type, writer.fields, allocator, done, allocations, dataset)
+    processes = [context.Process(target=_writer_process, args=(os.getpid(), errors, worker_job_indexed_dataset, *job),
+                                 daemon=True) for _ in range(writer.num_workers)]
     try:
-        writer.from_indexed_dataset(dataset, chunksize=256)
+        for process in processes:
+            process.start()
+        with tqdm(total=total, disable=not progress) as bar:
+            while done.value < total:
+                _raise_on_writer_failure(processes, errors)
+                bar.update(done.value - bar.n)
+                time.sleep(0.05)
+            bar.update(total - bar.n)
+        table: list[Any] = []
+        while len(table) < len(processes):  # each worker sends its page allocations when it is done
+            try:
+                table.append(allocations.get(timeout=0.1))
+            except queue.Empty:
+                _raise_on_writer_failure(processes, errors)
+        writer.finalize([entry for entries in table for entry in entries])
     finally:
-        writer_module.tqdm = original
+        for process in processes:
+            if process.pid is not None:
+                if process.is_alive():
+                    process.kill()
+                process.join()
+        writer.metadata_sm.close()
+        writer.metadata_sm.unlink()
+
+
+def _writer_process(parent: int, errors: Any, job: Any, *args: Any) -> None:
+    """A writer process: dies with its parent, reports its failure as one line instead of a traceback."""
+    _die_with_parent(parent)
+    try:
+        job(*args)
+    except Exception as error:
+        errors.put(str(error) if isinstance(error, _SampleError) else f"{type(error).__name__}: {error}")
+        errors.close()
+        errors.join_thread()  # the message is in the pipe before this process exits
+        raise SystemExit(1) from None
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to kill this process when its parent dies, even by SIGKILL (no orphaned writers)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):  # no prctl in this libc: the parent's cleanup still ends us
+            pass
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _raise_on_writer_failure(processes: Sequence[Any], errors: Any) -> None:
+    failed = [process for process in processes if process.exitcode not in (None, 0)]
+    if not failed:
+        return
+    try:
+        message = errors.get(timeout=1.0)
+    except queue.Empty:
+        code = failed[0].exitcode
+        cause = f"signal {-code}, out of memory?" if code < 0 else f"exit status {code}"
+        message = f"an ffcv writer process died ({cause}); {_RECONVERT}"
+    raise BetonError(message)
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +573,8 @@ def _int_pipeline(device: torch.device | None) -> list[Any]:
 
 
 class BetonDataset(Dataset[tuple[Tensor, int]]):
-    """One split of a converted dataset: checked when opened, labels read without decoding images.
+    """One split of a converted dataset: checked when opened (structure and checksum), labels read without
+    decoding images.
 
     Items are ``(uint8 [C, H, W] image, int label)`` like every other cycdata dataset; random access
     decodes the whole split once (ffcv reads files in batches). :class:`cycdata.loaders.CyclicalLoader`
@@ -386,6 +595,7 @@ class BetonDataset(Dataset[tuple[Tensor, int]]):
         self.info = BetonInfo.read(self.paths["info"])
         expected = self.info.splits.get(split, {})
         checked = check_beton(self.file, expected.get("samples"), expected.get("bytes"))
+        verify_beton(self.file, self.info, split)  # the structure can be intact around damaged pixels
         # Labels in sample order, from the file's metadata table (no image is decoded for them).
         labels = np.empty(checked["samples"], dtype=np.int64)
         labels[checked["indices"]] = checked["labels"]
