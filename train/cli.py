@@ -17,13 +17,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cycdata.augment_ladder.ladder import LadderError
-from cycdata.config import ConfigError, RunConfig, load_config
+from cycdata.config import ConfigError, RunConfig, apply_overrides, load_config
 from cycdata.loaders.datasets import DatasetError
 from cycdata.loaders.ffcv_loader import FFCVMissingError
 from cycdata.plan import Plan
 from cycdata.train.checkpoint import CheckpointError
 from cycdata.train.experiment import SUITES, load_suite, results_table, run_suite
-from cycdata.train.range_test import KNOB_SPECS, STEP_RULES, plot_range, range_test
+from cycdata.train.paths import check_output, dataset_folder, disk_full_line
+from cycdata.train.range_test import KNOB_SPECS, STEP_RULES, check_sweep, plot_range, range_test
 
 __all__ = ["main"]
 
@@ -53,11 +54,23 @@ def _split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[
     return config, overrides
 
 
+def _add_flag_override(overrides: list[str], key: str, flag: str, value: object) -> None:
+    """Add ``--flag VALUE`` as the override ``key=VALUE``; a different ``key=...`` given too is a conflict."""
+    if value is None:
+        return
+    wanted = f"{key}={value}"
+    given = [item for item in overrides if item.split("=", 1)[0].strip() == key]
+    if any(apply_overrides({}, [item]) != apply_overrides({}, [wanted]) for item in given):
+        raise ConfigError(flag, f"{flag} {value} conflicts with {given[-1]}; give one of them")
+    overrides.append(wanted)
+
+
 def _command_plan(args: argparse.Namespace) -> int:
     config_path, overrides = _split_config_and_overrides(args.items)
-    if args.epochs is not None:
-        overrides.append(f"epochs={args.epochs}")
+    _add_flag_override(overrides, "epochs", "--epochs", args.epochs)
     config = load_config(config_path, overrides)
+    if args.plot:
+        check_output("--plot", args.plot, folder=False)
     plan = Plan.from_config(config)
     if args.json:
         print(plan.to_json())
@@ -72,7 +85,22 @@ def _command_plan(args: argparse.Namespace) -> int:
 def _default_run_dir(config: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dataset = config.data.dataset.split(":")[0]
-    return Path("runs") / f"{dataset}-{config.model}-{stamp}"
+    # A model name may hold '/' (hf-hub:org/name): the folder name is made one safe path component.
+    return Path("runs") / dataset_folder(f"{dataset}-{config.model}-{stamp}")
+
+
+def _check_new_run_folder(out: Path) -> None:
+    """A new run never writes into a folder holding another run: finished, unfinished or still being written."""
+    if (out / "last.pt").exists():
+        raise ConfigError(
+            "--out", f"{out} already holds a run (last.pt); continue it with --resume {out} or choose another --out"
+        )
+    found = [name for name in ("config.yaml", "metrics.csv", "best.pt") if (out / name).exists()]
+    if found:
+        raise ConfigError(
+            "--out", f"{out} holds a run's files ({', '.join(found)}) but no last.pt: a run stopped before its first "
+            "checkpoint or one still starting, which --resume cannot continue; remove it or choose another --out"
+        )
 
 
 def _command_train(args: argparse.Namespace) -> int:
@@ -86,16 +114,15 @@ def _command_train(args: argparse.Namespace) -> int:
                 "--resume DIR continues the run with its saved DIR/config.yaml; "
                 "give no CONFIG, KEY=VALUE, --out or --init with it",
             )
+        check_output("--resume", args.resume)
         resume(args.resume)
         return 0
-    if args.init:
-        overrides.append(f"init={args.init}")
+    _add_flag_override(overrides, "init", "--init", args.init)
     config = load_config(config_path, overrides)
     out = Path(args.out) if args.out else _default_run_dir(config)
-    if (out / "last.pt").exists():
-        raise ConfigError(
-            "--out", f"{out} already holds a run (last.pt); continue it with --resume {out} or choose another --out"
-        )
+    args.out = str(out)  # named by main's one-line report of a disk that fills up during the run
+    _check_new_run_folder(out)
+    check_output("--out", out)
     train(config, out)
     print(f"run folder: {out}")
     return 0
@@ -121,6 +148,7 @@ def _command_ladder_measure(args: argparse.Namespace) -> int:
             raise LadderError(f"--write {write}: the file exists; refusing to overwrite it, choose another name")
         if not write.parent.is_dir():
             raise LadderError(f"--write {write}: the folder {write.parent} does not exist")
+        check_output("--write", write, folder=False)
     import timm  # imported here: a second of start-up that only this command needs
 
     if not timm.is_model(args.model):
@@ -165,6 +193,7 @@ def _command_ladder_show(args: argparse.Namespace) -> int:
     if args.columns < 1:
         raise ConfigError("--columns", f"got {args.columns}; give an integer >= 1")
     ladder = load_ladder(args.ladder)
+    check_output("--out", args.out, folder=False)
     data = load_dataset(args.dataset)
     print(grid_png(ladder, data, args.out, columns=args.columns))
     return 0
@@ -173,6 +202,10 @@ def _command_ladder_show(args: argparse.Namespace) -> int:
 def _command_convert(args: argparse.Namespace) -> int:
     from cycdata.loaders.ffcv_loader import beton_paths, convert
 
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError("--workers", f"got {args.workers}; give an integer >= 1, or leave it out for the default")
+    beton_paths(args.out)  # a name that is not NAME.beton is refused before the writable check names its folder
+    check_output("OUT.beton", args.out, folder=False)
     started = time.perf_counter()
     info = convert(args.dataset, args.out, jpeg_quality=args.jpeg, max_resolution=args.max_resolution,
                    overwrite=args.overwrite, progress=not args.quiet, num_workers=args.workers)
@@ -189,7 +222,10 @@ def _command_experiment(args: argparse.Namespace) -> int:
     if args.seeds is not None and args.seeds < 1:
         raise ConfigError("--seeds", f"got {args.seeds}; give an integer >= 1")
     suite = load_suite(args.suite)  # every variant is validated before the first run starts
-    out = Path(args.out or f"runs/experiment-{Path(args.suite).stem}")
+    out = Path(args.out or f"runs/experiment-{dataset_folder(Path(args.suite).stem)}")
+    args.out = str(out)
+    suite.runs(args.seeds, args.epochs)  # --epochs is validated as every variant's epochs before anything runs
+    check_output("--out", out)
     summary = run_suite(suite, out, seeds=args.seeds, epochs=args.epochs)
     print(results_table(summary))
     print(f"results: {out / 'results.md'} (and results.json, accuracy.png, knobs.png); {summary['seconds']:.0f}s")
@@ -199,7 +235,12 @@ def _command_experiment(args: argparse.Namespace) -> int:
 def _command_range_test(args: argparse.Namespace) -> int:
     config_path, overrides = _split_config_and_overrides(args.items)
     config = load_config(config_path, overrides)
+    # The sweep's arguments and the output folder are checked before the (minutes long) sweep, not after it.
+    check_sweep(config, args.knob, low=args.low, high=args.high, steps=args.steps, rule=args.rule,
+                repeats=args.repeats)
     out = Path(args.out or f"runs/range-test-{args.knob}")
+    args.out = str(out)
+    check_output("--out", out)
     started = time.perf_counter()
     result = range_test(config, args.knob, low=args.low, high=args.high, steps=args.steps, rule=args.rule,
                         repeats=args.repeats, log=lambda line: print(line, flush=True))
@@ -326,6 +367,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except (DatasetError, CheckpointError, LadderError, FFCVMissingError) as error:
         print(f"cycdata {args.command}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, RuntimeError) as error:
+        # A disk that fills up mid-run (a checkpoint, a plot): one line; the last complete checkpoint is kept.
+        line = disk_full_line(error, getattr(args, "out", None) or getattr(args, "resume", None))
+        if line is None:
+            raise
+        print(f"cycdata {args.command}: {line}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import statistics
 import time
 from collections.abc import Mapping
@@ -38,7 +37,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from cycdata.config import ConfigError, RunConfig, apply_settings, parse_config, read_yaml
+from cycdata.config import ConfigError, RunConfig, apply_settings, number, parse_config, read_yaml
+from cycdata.train.paths import check_name, dataset_folder, remove_run_folder
 
 __all__ = ["SUITES", "Run", "Suite", "load_suite", "run_suite", "summarize"]
 
@@ -57,7 +57,8 @@ class Run:
 
     @property
     def name(self) -> str:
-        prefix = f"{self.dataset}/" if self.dataset else ""
+        """The run folder's path inside the suite folder: every part a validated, safe name."""
+        prefix = f"{dataset_folder(self.dataset)}/" if self.dataset else ""
         return f"{prefix}{self.variant}/seed-{self.seed}"
 
     @property
@@ -84,22 +85,24 @@ class Suite:
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], where: str = "suite") -> Suite:
+        """A suite from its YAML mapping; every field and every variant's config validated, one line per fault."""
         if not isinstance(raw, Mapping):
             raise ConfigError(where, "a suite must be a mapping with 'variants' (and optional base, seeds, ...)")
         unknown = set(raw) - {"variants", "base", "datasets", "seeds", "baseline", "compare", "description"}
         if unknown:
-            raise ConfigError(where, f"unknown keys {sorted(unknown)}; allowed: description, seeds, baseline, "
-                              "compare, base, datasets, variants")
-        variants = raw.get("variants")
-        if not isinstance(variants, Mapping) or not variants:
-            raise ConfigError(f"{where}.variants", "needs at least one variant: a name -> dotted keys mapping")
-        suite = cls(variants={str(k): dict(v or {}) for k, v in variants.items()}, base=dict(raw.get("base") or {}),
-                    datasets=tuple(raw.get("datasets") or ()), seeds=int(raw.get("seeds", 5)),
-                    baseline=raw.get("baseline"), compare=dict(raw.get("compare") or {}),
+            raise ConfigError(where, f"unknown keys {sorted(unknown, key=str)}; allowed: description, seeds, "
+                              "baseline, compare, base, datasets, variants")
+        suite = cls(variants=_variants(raw.get("variants"), f"{where}.variants"),
+                    base=_mapping(raw.get("base"), f"{where}.base", "dotted keys applied to every variant"),
+                    datasets=_datasets(raw.get("datasets"), f"{where}.datasets"),
+                    seeds=number(ge=1, integer=True)(f"{where}.seeds", raw.get("seeds", 5), {}),
+                    baseline=raw.get("baseline"),
+                    compare=_mapping(raw.get("compare"), f"{where}.compare", "variant -> the variant it is compared "
+                                     "with"),
                     description=str(raw.get("description", "")))
         named = ([suite.baseline] if suite.baseline is not None else []) + [*suite.compare, *suite.compare.values()]
         for name in named:
-            if name not in suite.variants:
+            if not isinstance(name, str) or name not in suite.variants:
                 raise ConfigError(f"{where}.baseline", f"{name!r} is not one of the variants {sorted(suite.variants)}")
         suite.runs(seeds=1)  # every variant's config is validated here, before anything runs
         return suite
@@ -110,6 +113,7 @@ class Suite:
         for seed in range(self.seeds if seeds is None else seeds):
             for dataset in self.datasets or (None,):
                 for variant, settings in self.variants.items():
+                    check_name("variant", variant)  # a folder name, also for a Suite built without from_mapping
                     raw = apply_settings(apply_settings({}, self.base), {"seed": seed, **settings})
                     if dataset is not None:
                         raw = apply_settings(raw, {"data.dataset": dataset})
@@ -121,6 +125,35 @@ class Suite:
                         raise ConfigError(f"variant {variant}", str(error)) from None
                     runs.append(Run(dataset, variant, seed, config))
         return runs
+
+
+def _mapping(raw: Any, key: str, what: str) -> dict[str, Any]:
+    """A suite field that must be a mapping (or absent): ``base``, ``compare``, a variant's settings."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, f"got {raw!r}; give a mapping ({what})")
+    return dict(raw)
+
+
+def _variants(raw: Any, key: str) -> dict[str, dict[str, Any]]:
+    """Variant name -> settings; each name becomes a folder, so it must be one safe path component."""
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError(key, "needs at least one variant: a name -> dotted keys mapping")
+    return {check_name(key, name): _mapping(settings, f"{key}.{name}", "dotted keys, e.g. {temperature: null}")
+            for name, settings in raw.items()}
+
+
+def _datasets(raw: Any, key: str) -> tuple[str, ...]:
+    """A list of dataset specs (a bare string would be read letter by letter), each with a distinct folder."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(spec, str) and spec for spec in raw):
+        raise ConfigError(key, f"got {raw!r}; give a list of dataset specs, e.g. [mnist5k, digits]")
+    folders = [dataset_folder(spec) for spec in raw]
+    if len(set(folders)) != len(folders):
+        raise ConfigError(key, f"{raw!r} name the same folder twice ({folders}); list each dataset once")
+    return tuple(raw)
 
 
 def load_suite(name_or_path: str) -> Suite:
@@ -150,7 +183,7 @@ def run_suite(suite: Suite, out: str | Path, *, seeds: int | None = None, epochs
     out = Path(out)
     runs = suite.runs(seeds, epochs)
     started = time.perf_counter()
-    for number, run in enumerate(runs, 1):
+    for position, run in enumerate(runs, 1):
         folder = out / run.name
         if _finished(folder, run.config.epochs):
             continue
@@ -159,10 +192,10 @@ def run_suite(suite: Suite, out: str | Path, *, seeds: int | None = None, epochs
             row = resume(folder)
         else:
             if folder.exists():
-                shutil.rmtree(folder)  # a run killed before its first checkpoint: nothing to keep
+                remove_run_folder(out, folder)  # a run killed before its first checkpoint: nothing to keep
             config = run.config if not run.config.runtime.progress else _quiet(run.config)
             row = train(config, folder)
-        log(f"[{number}/{len(runs)}] {run.name}: test {100 * row['test_accuracy']:.2f}%  nll {row['test_nll']:.4f}  "
+        log(f"[{position}/{len(runs)}] {run.name}: test {100 * row['test_accuracy']:.2f}%  nll {row['test_nll']:.4f}  "
             f"ece {row['test_ece']:.4f}  ({time.perf_counter() - began:.0f}s, {time.perf_counter() - started:.0f}s "
             "in all)")
     summary = summarize(suite, out, seeds=seeds, epochs=epochs)

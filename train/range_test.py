@@ -51,11 +51,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cycdata.config import ConfigError, RunConfig
+from cycdata.config import ConfigError, RunConfig, apply_settings, config_to_dict, parse_config
 from cycdata.schedules import Constant, Cyclical
 
-__all__ = ["KNOB_SPECS", "STEP_RULES", "KnobSpec", "RangeResult", "average_sweeps", "range_test", "steepest_descent",
-           "suggest_ends", "sweep_values"]
+__all__ = ["KNOB_SPECS", "STEP_RULES", "KnobSpec", "RangeResult", "average_sweeps", "check_sweep", "range_test",
+           "steepest_descent", "suggest_ends", "sweep_values"]
 
 
 @dataclass(frozen=True)
@@ -135,9 +135,10 @@ class RangeResult:
         return found
 
     def snippet(self) -> str:
-        """A ready-to-paste YAML config snippet with the suggested ends."""
+        """A ready-to-paste YAML config snippet with the suggested ends (valid values: see ``_paste``)."""
         parts = self.knob.split(".")
-        ends = f"{{easy: {_short(self.easy)}, hard: {_short(self.hard)}}}"
+        bounds = (min(self.values), max(self.values)) if self.values else (-math.inf, math.inf)
+        ends = f"{{easy: {_paste(self.easy, *bounds)}, hard: {_paste(self.hard, *bounds)}}}"
         if len(parts) == 1:
             return f"{parts[0]}: {ends}"
         return f"{parts[0]}:\n  {parts[1]}: {ends}"
@@ -150,6 +151,68 @@ class RangeResult:
 
 def _short(value: float) -> str:
     return f"{value:.3g}" if value >= 1e-3 else f"{value:.2e}"
+
+
+def _paste(value: float, low: float, high: float) -> str:
+    """``value`` in as few significant digits (3 or more) as keep it within the swept ``low .. high``.
+
+    Both sweep ends were checked as valid values of the knob (``check_sweep``), so a printed end inside them
+    is one too; three digits alone could round momentum 0.9996 up to an invalid 1.
+
+    Example:
+        >>> _paste(0.9996, 0.5, 0.9996), _paste(0.0123456, 1e-4, 1.0)
+        ('0.9996', '0.0123')
+    """
+    for digits in range(3, 18):
+        text = f"{value:.{digits}g}"
+        if low <= float(text) <= high:
+            return text
+    return repr(value)
+
+
+def _check_knob_value(config: RunConfig, knob: str, flag: str, value: float) -> None:
+    """Refuse a sweep end the config itself would refuse for ``knob`` (momentum >= 1, a negative LR, ...)."""
+    try:
+        parse_config(apply_settings(config_to_dict(config), {knob: value}))
+    except ConfigError as error:
+        raise ConfigError(flag, f"{error}; sweep within the knob's valid range") from None
+
+
+def check_sweep(config: RunConfig, knob: str, *, low: float | None = None, high: float | None = None,
+                steps: int = 100, rule: str = "classic", repeats: int = 1) -> tuple[float, float]:
+    """The sweep's ends (the knob's defaults where not given), or a one-line :class:`ConfigError`.
+
+    Both ends must be finite, positive on a log sweep, and valid values of the knob in ``config``:
+    every suggestion is a swept value between them, so it is valid too (refused up front rather than
+    clamped afterwards: a clamped end would not be a value the sweep measured).
+
+    Example:
+        >>> from cycdata.config import load_config
+        >>> check_sweep(load_config(), "optim.momentum", high=1.5)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        cycdata.config.ConfigError: --high: optim.momentum: got 1.5, must be >= 0 and < 1; sweep within ...
+    """
+    if knob not in KNOB_SPECS:
+        raise ConfigError("range-test", f"cannot sweep {knob!r}; choose one of {', '.join(KNOB_SPECS)}")
+    if repeats < 1:
+        raise ConfigError("range-test", f"--repeats must be at least 1, got {repeats}")
+    if steps < 10:
+        raise ConfigError("range-test", f"--steps must be at least 10, got {steps}")
+    _check_rule(knob, rule)
+    spec = KNOB_SPECS[knob]
+    low = spec.low if low is None else low
+    high = spec.high if high is None else high
+    for flag, value in (("--low", low), ("--high", high)):
+        if not math.isfinite(value):
+            raise ConfigError(flag, f"got {value}; give a finite number")
+        if spec.scale == "log" and value <= 0:
+            raise ConfigError(flag, f"got {value:g}; {knob} is swept on a log scale, which needs positive ends: "
+                              "give a number > 0")
+        _check_knob_value(config, knob, flag, value)
+    if not low < high:
+        raise ConfigError("range-test", f"--low ({low}) must be below --high ({high})")
+    return low, high
 
 
 def _check_rule(knob: str, rule: str) -> None:
@@ -301,8 +364,7 @@ def range_test(config: RunConfig, knob: str, *, low: float | None = None, high: 
     samples) and the ends are read on their mean curve: one sweep's reading moves with the seed and with
     the CPU's rounding (see ``average_sweeps``).
     """
-    if repeats < 1:
-        raise ConfigError("range-test", f"--repeats must be at least 1, got {repeats}")
+    low, high = check_sweep(config, knob, low=low, high=high, steps=steps, rule=rule, repeats=repeats)
     if repeats > 1:
         sweeps = []
         for repeat in range(repeats):
@@ -317,16 +379,7 @@ def range_test(config: RunConfig, knob: str, *, low: float | None = None, high: 
     from cycdata.train.hooks import CyclicalHooks
     from cycdata.train.objectives import training_loss
 
-    if knob not in KNOB_SPECS:
-        raise ConfigError("range-test", f"cannot sweep {knob!r}; choose one of {', '.join(KNOB_SPECS)}")
     spec = KNOB_SPECS[knob]
-    low = spec.low if low is None else low
-    high = spec.high if high is None else high
-    if not low < high:
-        raise ConfigError("range-test", f"--low ({low}) must be below --high ({high})")
-    if steps < 10:
-        raise ConfigError("range-test", f"--steps must be at least 10, got {steps}")
-    _check_rule(knob, rule)
     config = _easy_config(config)
     if spec.rule == "step" and knob != "grad_clip":
         # Clipping bounds every update and would hide the divergence the step-size rule looks for.
