@@ -8,6 +8,8 @@
   per class.
 * ``cifar10:PATH`` / ``cifar100:PATH``: the torchvision pickle format from a local folder, loaded into memory.
   ``PATH`` is the folder that holds ``cifar-10-batches-py`` (``cifar-100-python``) or that folder itself.
+  The pickles are read with an unpickler that builds only numpy arrays and plain data: a batch file that
+  asks for any other Python object is refused, never run.
 * ``folder:PATH``: an ImageFolder tree, decoded lazily; ``PATH/train`` + ``PATH/val`` (or ``PATH/test``) are used as
   the splits, otherwise the single tree ``PATH/<class>/<image>`` is split 80/20 per class.
 * ``synthetic:N``: ``N`` train and ``max(N // 5, 10)`` test images, 3x32x32, 10 classes, learnable.
@@ -27,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import codecs
 import functools
 import gzip
 import importlib.resources
@@ -71,6 +74,12 @@ class DatasetError(ValueError):
         ...     print(error)  # doctest: +ELLIPSIS
         unknown dataset spec 'imagenet'; allowed forms: mnist5k, digits, cifar10:PATH, ..., synthetic:N
     """
+
+    def __str__(self) -> str:
+        # A DataLoader worker's error comes back as DatasetError("Caught DatasetError in DataLoader worker
+        # ...\nOriginal Traceback ...\n...DatasetError: <message>"); the message is its last line.
+        text = super().__str__()
+        return text.rstrip().splitlines()[-1].split("DatasetError: ", 1)[-1] if "\n" in text else text
 
 
 class TensorImageDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -132,9 +141,13 @@ class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        """Return ``(uint8 3xSxS image, int label)``, decoding the file now."""
+        """Return ``(uint8 3xSxS image, int label)``, decoding the file now; a damaged file is a DatasetError."""
         path, label = self.samples[index]
-        return _decode_image(path, self.image_size), label
+        try:
+            return _decode_image(path, self.image_size), label
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's decode errors
+            message = " ".join(str(error).split())
+            raise DatasetError(f"folder: cannot decode {path} ({message}); replace or remove the file") from None
 
     def __len__(self) -> int:
         """Number of images."""
@@ -509,13 +522,45 @@ def _find_cifar_dir(layout: _CifarLayout, path: Path) -> Path:
     )
 
 
+def _numpy_array_globals() -> dict[tuple[str, str], object]:
+    """The globals a pickled numpy array names, under numpy 1.x and 2.x module paths, and bytes' decoder.
+
+    Protocol 2 (the CIFAR release) rebuilds an array with ``_reconstruct(ndarray, shape, dtype)`` and its
+    bytes (from Python 3 writers) with ``_codecs.encode``; protocol 5 uses ``_frombuffer(buffer, dtype, ...)``.
+    None of them runs other code: they make an array or bytes from data.
+    """
+    reconstruct = np.arange(1).__reduce__()[0]
+    frombuffer = np.arange(1).__reduce_ex__(5)[0]
+    allowed: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode,
+    }
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{package}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds plain data and numpy arrays only: any other global is refused, not imported."""
+
+    allowed = _numpy_array_globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        found = self.allowed.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"it asks for the Python object {module}.{name}, which a CIFAR batch never "
+                                         "holds (refused: loading it could run code)")
+        return found
+
+
 def _read_pickle(file: Path, layout: _CifarLayout) -> dict:
     try:
         with open(file, "rb") as handle:
             # The CIFAR python release is a set of Python 2 pickles; latin1 is how torchvision reads them too.
-            entry = pickle.load(handle, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as error:
-        raise DatasetError(f"{layout.name}: cannot read {file} ({error}); re-download the dataset") from error
+            entry = _ArrayUnpickler(handle, encoding="latin1").load()
+    except Exception as error:  # a damaged pickle can fail in many ways (EOF, bad opcodes, memory, types)
+        message = " ".join(str(error).split())[:200] or type(error).__name__
+        raise DatasetError(f"{layout.name}: cannot read {file} ({message}); re-download the dataset") from None
     if not isinstance(entry, dict):
         raise DatasetError(f"{layout.name}: {file} is not a CIFAR pickle (no dict inside); re-download the dataset")
     return entry
@@ -533,7 +578,10 @@ def _read_cifar_batches(
             batch_labels = np.asarray(entry[layout.label_key], dtype=np.int64)
         except KeyError as error:
             raise DatasetError(f"{layout.name}: {folder / name} lacks the {error} entry; re-download it") from None
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch_labels):
+        except (TypeError, ValueError, OverflowError):
+            raise DatasetError(f"{layout.name}: {folder / name} holds data or labels that are not integer arrays; "
+                               "re-download the dataset") from None
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or batch_labels.ndim != 1 or len(data) != len(batch_labels):
             raise DatasetError(
                 f"{layout.name}: {folder / name} holds data {data.shape} and {len(batch_labels)} labels, "
                 "expected [N, 3072] and N; re-download the dataset"
@@ -548,9 +596,11 @@ def _read_cifar_batches(
 def _load_cifar(layout: _CifarLayout, path: Path, image_size: int | None) -> DatasetSplits:
     folder = _find_cifar_dir(layout, path)
     meta = _read_pickle(folder / layout.meta_file, layout)
-    if layout.names_key not in meta:
-        raise DatasetError(f"{layout.name}: {folder / layout.meta_file} has no {layout.names_key!r}; re-download it")
-    classes = [str(name) for name in meta[layout.names_key]]
+    names = meta.get(layout.names_key)
+    if not isinstance(names, (list, tuple)) or not names:
+        raise DatasetError(f"{layout.name}: {folder / layout.meta_file} has no list {layout.names_key!r}; "
+                           "re-download it")
+    classes = [str(name) for name in names]
     train = _read_cifar_batches(folder, layout.train_files, layout, len(classes))
     test = _read_cifar_batches(folder, layout.test_files, layout, len(classes))
     return _tensor_splits(layout.name, train, test, len(classes), image_size or 32, classes)

@@ -2,7 +2,9 @@
 
 Both read the same files: a cycdata checkpoint (``last.pt``/``best.pt``, or the run folder that holds
 them), a plain PyTorch state dict (``.pt``/``.pth``/``.bin``) or a ``.safetensors`` file, such as a
-timm pretrained file saved on disk. Wrapping keys (``module.`` from DDP, ``_orig_mod.`` from
+timm pretrained file saved on disk. Files are untrusted: ``.pt`` files are read with ``weights_only=True``
+(tensors and plain data only; a file holding other Python objects is refused, never run), and a cycdata
+checkpoint's checksum is verified. Wrapping keys (``module.`` from DDP, ``_orig_mod.`` from
 ``torch.compile``) are stripped.
 
 ``--init`` takes the weights only (no optimizer state, no epoch): a fine-tuning run starts its own
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cycdata.train.checkpoint import CheckpointError
+from cycdata.train.checkpoint import CheckpointError, UnsafeFileError, load_untrusted, one_line, verify_checksum
 
 __all__ = ["WeightsReport", "apply_weights", "build_teacher", "find_checkpoint", "load_weights", "read_state_dict"]
 
@@ -74,16 +76,10 @@ def find_checkpoint(path: str | Path) -> Path:
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """The tensors of a weights file and, for a cycdata checkpoint, its run config."""
     path = find_checkpoint(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            raw: Any = load_file(str(path))
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch and safetensors raise many types for bad files
-        raise CheckpointError(f"cannot read weights from {path} (truncated or not a weights file): {error}") from None
+    raw = _read_weights_file(path)
     config = None
+    if isinstance(raw, dict) and "checksum" in raw and raw.get("version") is not None:  # a cycdata checkpoint
+        verify_checksum(raw, path)
     if isinstance(raw, dict) and isinstance(raw.get("model"), dict):  # a cycdata (or similar) checkpoint
         config = raw.get("config") if isinstance(raw.get("config"), dict) else None
         raw = raw["model"]
@@ -93,6 +89,24 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"{path} holds no state dict of tensors; give a cycdata checkpoint, a state dict "
                               "(.pt/.pth) or a .safetensors file")
     return {_unwrap(key): value for key, value in raw.items()}, config
+
+
+def _read_weights_file(path: Path) -> Any:
+    """The content of a ``.safetensors`` or torch file, read without running code from it."""
+    if path.suffix != ".safetensors":
+        try:
+            return load_untrusted(path)
+        except UnsafeFileError:
+            raise
+        except CheckpointError:
+            raise CheckpointError(f"cannot read weights from {path} (truncated or not a weights file)") from None
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises several types for bad files
+        raise CheckpointError(f"cannot read weights from {path} (truncated or not a weights file): "
+                              f"{one_line(error)}") from None
 
 
 def _unwrap(key: str) -> str:
