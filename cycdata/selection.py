@@ -28,6 +28,11 @@ Policies (each chosen so that every rank, given the same ledger and seed, select
   loss left out by rank), or ``λ·(1 + 1e-6)`` when none is left out; so each sample admitted by rank
   gets a weight > 0 and the weights still fall to 0 where the excluded samples begin.
   ``Selection.threshold`` reports λ itself.
+* **Non-finite losses rank last.** A sample whose latest loss was NaN or infinite (``nonfinite``,
+  :attr:`cycdata.ledger.LossLedger.nonfinite`) is the worst sample there is: it is admitted only when the
+  keep target needs more samples than all the others (at ``keep = 1`` every sample trains), never by a
+  threshold and never as a refresh, and weighs 1 when admitted (its loss is measured again). Without this
+  rule such a sample would look unseen forever and be admitted first every epoch.
 * **Ties** are broken by dataset index (the lower index first), as a stable sort by (loss, index)
   would; randomness comes only from ``generator`` (default: a fixed seed), never the global RNG.
 
@@ -439,7 +444,8 @@ def _check_select_inputs(losses: Tensor, seen: Tensor, keep: float | None, thres
 
 def select(losses: Tensor, seen: Tensor, *, keep: float | None = None, threshold: float | None = None,
            weighting: str = "hard", labels: Tensor | None = None, refresh_fraction: float = 0.05,
-           mixture_ratio: float = 0.5, generator: torch.Generator | None = None) -> Selection:
+           mixture_ratio: float = 0.5, generator: torch.Generator | None = None,
+           nonfinite: Tensor | None = None) -> Selection:
     """Choose the samples (and their weights) for one epoch; the policies are in the module docstring.
 
     Args:
@@ -454,6 +460,8 @@ def select(losses: Tensor, seen: Tensor, *, keep: float | None = None, threshold
         mixture_ratio: λ2/λ1 for the mixture weighting, in (0, 1).
         generator: the only source of randomness (default: a fixed-seed CPU generator). Pass one
             seeded from (seed, epoch) for a new draw each epoch.
+        nonfinite: bool ``[N]``, samples whose latest loss was NaN or infinite (``LossLedger.nonfinite``):
+            ranked last, as the worst (module docstring), or None.
 
     Returns:
         A :class:`Selection` on the device of ``losses``.
@@ -467,26 +475,65 @@ def select(losses: Tensor, seen: Tensor, *, keep: float | None = None, threshold
     """
     _check_select_inputs(losses, seen, keep, threshold, labels, refresh_fraction)
     _check_weighting(weighting, threshold, mixture_ratio)
+    if nonfinite is not None and (not isinstance(nonfinite, Tensor) or nonfinite.dtype != torch.bool
+                                  or nonfinite.shape != losses.shape):
+        raise ValueError(f"nonfinite must be a bool tensor shaped like losses {tuple(losses.shape)} "
+                         "(LossLedger.nonfinite), or None")
+    if nonfinite is not None:
+        nonfinite = nonfinite.to(losses.device)
+        if not bool(nonfinite.any()):
+            nonfinite = None  # nothing marked: the usual epoch, no pools to split
     generator = torch.Generator().manual_seed(0) if generator is None else generator
     if threshold is not None:
-        return _threshold_part(losses, seen, threshold, weighting, refresh_fraction, mixture_ratio, generator)
+        if nonfinite is None:
+            return _threshold_part(losses, seen, threshold, weighting, refresh_fraction, mixture_ratio, generator)
+        pool = _nonzero(~nonfinite)  # a NaN loss is above every threshold: never admitted, never refreshed
+        part = _threshold_part(losses[pool], seen[pool], threshold, weighting, refresh_fraction, mixture_ratio,
+                               generator)
+        return Selection(pool[part.indices], part.weights, part.threshold, part.unseen, part.refreshed)
     assert keep is not None
     if labels is None:
         target = fraction_count(keep, losses.numel(), round_up=True)
-        return _keep_part(losses, seen, target, weighting, refresh_fraction, mixture_ratio, generator)
+        return _keep_worst_last(losses, seen, nonfinite, target, weighting, refresh_fraction, mixture_ratio,
+                                generator)
     return _keep_per_class(losses, seen, keep, labels.to(losses.device), weighting, refresh_fraction,
-                           mixture_ratio, generator)
+                           mixture_ratio, generator, nonfinite)
+
+
+def _keep_worst_last(losses: Tensor, seen: Tensor, nonfinite: Tensor | None, target: int, weighting: str,
+                     refresh_fraction: float, mixture_ratio: float, generator: torch.Generator) -> Selection:
+    """Keep mode over one pool with the non-finite samples ranked after every other (indices local to the pool).
+
+    Example:
+        >>> losses, seen = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.ones(4, dtype=torch.bool)
+        >>> marked = torch.tensor([True, False, False, False])   # sample 0's latest loss was NaN
+        >>> _keep_worst_last(losses, seen, marked, 2, "hard", 0.0, 0.5, torch.Generator()).indices.tolist()
+        [1, 2]
+    """
+    if nonfinite is None:
+        return _keep_part(losses, seen, target, weighting, refresh_fraction, mixture_ratio, generator)
+    pool = _nonzero(~nonfinite)
+    finite_target = min(target, pool.numel())
+    part = _keep_part(losses[pool], seen[pool], finite_target, weighting, refresh_fraction, mixture_ratio,
+                      generator)
+    worst = _nonzero(_random_subset(nonfinite, target - finite_target, generator))  # only when the target needs them
+    indices, order = torch.sort(torch.cat([pool[part.indices], worst]))
+    weights = torch.cat([part.weights, torch.ones(worst.numel(), device=part.weights.device)])[order]
+    return Selection(indices, weights, part.threshold, part.unseen, part.refreshed)
 
 
 def _keep_per_class(losses: Tensor, seen: Tensor, keep: float, labels: Tensor, weighting: str,
-                    refresh_fraction: float, mixture_ratio: float, generator: torch.Generator) -> Selection:
+                    refresh_fraction: float, mixture_ratio: float, generator: torch.Generator,
+                    nonfinite: Tensor | None = None) -> Selection:
     """Keep mode in every class separately (classes in ascending label order, one generator)."""
     _, counts = torch.unique(labels, return_counts=True)
     members = torch.argsort(labels, stable=True).split(counts.tolist())  # each class's indices, ascending
     parts = []
     for member in members:
         target = fraction_count(keep, member.numel(), round_up=True)
-        part = _keep_part(losses[member], seen[member], target, weighting, refresh_fraction, mixture_ratio, generator)
+        marked = None if nonfinite is None else nonfinite[member]
+        part = _keep_worst_last(losses[member], seen[member], marked, target, weighting, refresh_fraction,
+                                mixture_ratio, generator)
         parts.append((member[part.indices], part))
     indices, order = torch.sort(torch.cat([global_indices for global_indices, _ in parts]))
     weights = torch.cat([part.weights for _, part in parts])[order]

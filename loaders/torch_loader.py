@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data._utils.collate import default_collate
 
 from cycdata.ledger import LossLedger
@@ -39,6 +39,7 @@ from cycdata.samplers import (
     PlannedBatch,
     SemiSupervisedBatchSampler,
     data_plan,
+    labeled_pools,
 )
 
 __all__ = ["AugmentedDataset", "BatchLoader", "CyclicalLoader", "IndexedDataset", "choose_placement",
@@ -264,6 +265,39 @@ def _compose_sampler(sampler: Any, shuffle: bool | None, generator: torch.Genera
                      "order shuffle=/generator=/seed=, for sample weights keep= or threshold= with weighting=")
 
 
+def _required_state_keys(state: dict[str, Any], semi_supervised: bool) -> tuple[str, ...]:
+    """The keys :meth:`CyclicalLoader.load_state_dict` reads from ``state``."""
+    keys: tuple[str, ...] = ("ledger", "epoch", "consumed")
+    if semi_supervised:
+        keys += ("sampler",)
+    return keys
+
+
+def _check_map_style(dataset: Any) -> None:
+    """Refuse a dataset the loader cannot index: it picks each epoch's samples by index, so it needs ``len``."""
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise TypeError(f"CyclicalLoader chooses each epoch's samples by index, so it needs a map-style dataset "
+                        f"(__getitem__ and __len__); got {type(dataset).__name__}. Materialise a stream first (e.g. "
+                        "a list or a datasets.Dataset), or use a DataLoader for an IterableDataset")
+
+
+def _class_labels(labels: Any, size: int) -> Tensor:
+    """``labels`` as an int64 tensor of one class per sample, for per-class selection; refused with the fix."""
+    try:
+        tensor = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        tensor = None
+    if tensor is None or tensor.ndim != 1 or tensor.is_floating_point() or tensor.is_complex() \
+            or tensor.dtype == torch.bool:
+        kind = type(labels[0]).__name__ if isinstance(labels, (list, tuple)) and labels else type(labels).__name__
+        raise TypeError(f"per_class=True needs integer class labels, one per sample; got {kind} labels. Map class "
+                        "names to numbers first, e.g. classes = sorted(set(names)); "
+                        "labels = torch.tensor([classes.index(n) for n in names])")
+    if tensor.numel() != size:
+        raise ValueError(f"per_class=True got {tensor.numel()} labels for a dataset of {size}; give one per sample")
+    return tensor.long()
+
+
 class CyclicalLoader:
     """A drop-in for ``DataLoader(dataset, batch_size=B, shuffle=..., ...)`` with cyclical knobs.
 
@@ -365,6 +399,7 @@ class CyclicalLoader:
             from .ffcv_loader import BetonDataset
 
             dataset = BetonDataset(dataset, "train")
+        _check_map_style(dataset)
         self.dataset = dataset
         self.ladder, strength = _ladder_and_strength(ladder, strength)
         self.semi_supervised = labeled is not None
@@ -387,11 +422,9 @@ class CyclicalLoader:
                 raise ValueError("self-paced selection and semi-supervised batches cannot be combined in one loader")
             if "semi_supervised.ratio" not in plan.names:
                 raise ValueError("semi-supervised mode needs unlabeled_ratio= (a number, mapping or schedule)")
-            labeled = torch.as_tensor(labeled, dtype=torch.long)
-            mask = torch.ones(size, dtype=torch.bool)
-            mask[labeled] = False
+            labeled_pool, unlabeled_pool = labeled_pools(labeled, size)
             self.batch_sampler: Any = SemiSupervisedBatchSampler(
-                labeled, mask.nonzero().flatten(), plan=plan, rank=rank, world_size=world_size)
+                labeled_pool, unlabeled_pool, plan=plan, rank=rank, world_size=world_size)
         else:
             if per_class and labels is None:
                 labels = getattr(dataset, "labels", None)
@@ -399,7 +432,7 @@ class CyclicalLoader:
                     raise ValueError("per_class=True needs labels= (one class label per sample)")
             self.batch_sampler = CyclicalBatchSampler(
                 size, plan=plan, select_samples=select_samples, weighting=weighting,
-                labels=torch.as_tensor(labels) if per_class else None, ledger=self.ledger,
+                labels=_class_labels(labels, size) if per_class else None, ledger=self.ledger,
                 refresh_fraction=refresh_fraction, shuffle=self.shuffle, rank=rank, world_size=world_size,
                 drop_last=drop_last)
         if self._seed is not None:
@@ -439,6 +472,7 @@ class CyclicalLoader:
         self._tickets = itertools.count()
         self._issued: dict[int, PlannedBatch] = {}
         self._batch: PlannedBatch | None = None
+        self._recorded: PlannedBatch | None = None  # the batch whose losses were recorded last (once per batch)
         self._warned_past_end = False
 
     # --- the run seed ---------------------------------------------------------------------------
@@ -625,10 +659,11 @@ class CyclicalLoader:
         batch = self._batch
         # The usual call, one loss per sample of the batch just yielded, checked with attribute reads only
         # (this runs every step); anything else takes the checks below.
-        if batch is not None and isinstance(losses, Tensor) and losses.ndim == 1 \
+        if batch is not None and batch is not self._recorded and isinstance(losses, Tensor) and losses.ndim == 1 \
                 and losses.shape[0] == batch.indices.shape[0]:
             # The loader's index tensors are its own and never modified: no defensive copy.
             self.ledger.record(batch.indices, losses, copy_indices=False)
+            self._recorded = batch
             return
         if not isinstance(losses, Tensor) or losses.ndim != 1:
             shape = f"a {losses.ndim}-d tensor" if isinstance(losses, Tensor) else type(losses).__name__
@@ -637,12 +672,18 @@ class CyclicalLoader:
                              "then take .mean() for backward")
         if self._batch is None:
             raise ValueError("record_loss was called before any batch was yielded; call it after each forward pass")
+        if self._batch is self._recorded:
+            # A second record of one batch would count its losses twice (two EMA steps): an error, not a silent
+            # last-wins, as it is almost always a loop that records in two places.
+            raise ValueError(f"record_loss was already called for this batch (epoch {self._batch.epoch}, batch "
+                             f"{self._batch.number}); record each batch's losses once, after its forward pass")
         count = len(losses)
         if count not in (len(self.batch_indices), self.labeled_count):
             raise ValueError(f"record_loss got {count} losses for a batch of {len(self.batch_indices)} samples "
                              f"({self.labeled_count} labeled); pass one loss per sample (reduction='none')")
         # The loader's index tensors are its own and never modified: no defensive copy.
         self.ledger.record(self.batch_indices[:count], losses, copy_indices=False)
+        self._recorded = self._batch
 
     @property
     def batch_weights(self) -> Tensor | None:
@@ -709,8 +750,13 @@ class CyclicalLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`: the next iteration continues where the saved loader stood."""
-        if state.get("version") not in (1, 2):
-            raise ValueError("not a CyclicalLoader state (version 1 or 2)")
+        if not isinstance(state, dict) or state.get("version") not in (1, 2):
+            raise ValueError("not a CyclicalLoader state (version 1 or 2); pass a dict from "
+                             "CyclicalLoader.state_dict()")
+        missing = [key for key in _required_state_keys(state, self.semi_supervised) if key not in state]
+        if missing:
+            raise ValueError(f"CyclicalLoader state lacks {', '.join(missing)}; pass the whole dict "
+                             "CyclicalLoader.state_dict() returned (a checkpoint's data state)")
         self.ledger.load_state_dict(state["ledger"])
         if state.get("seed") is not None:
             self._seed = int(state["seed"])

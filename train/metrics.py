@@ -76,6 +76,16 @@ class EvalAccumulator:
 
     ECE (Guo et al. 2017): samples binned by confidence (max softmax probability) into
     ``num_bins`` equal-width bins; ``ECE = Σ_b (n_b/N)·|accuracy_b − confidence_b|``.
+
+    Samples whose logits are NaN or infinite (a diverged model) go to the first bin, so binning never
+    fails; they make the NLL and ECE NaN and are counted in ``compute()["nonfinite"]``.
+
+    Example:
+        >>> scores = EvalAccumulator(num_bins=4)
+        >>> scores.add(torch.tensor([[float("nan"), 0.0], [3.0, 0.0]]), torch.tensor([0, 0]))
+        >>> result = scores.compute()
+        >>> result["nonfinite"], math.isnan(result["ece"])
+        (1.0, True)
     """
 
     def __init__(self, num_bins: int = 15, device: torch.device | None = None) -> None:
@@ -83,12 +93,16 @@ class EvalAccumulator:
         # Rows: sample count, correct count, confidence sum; columns: bins. Plus NLL sum.
         self.bins = torch.zeros(3, num_bins, dtype=torch.float64, device=device)
         self.nll = torch.zeros((), dtype=torch.float64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.float64, device=device)  # samples with NaN/inf logits
 
     def add(self, logits: Tensor, labels: Tensor) -> None:
         logits = logits.float()
         self.nll += F.cross_entropy(logits, labels, reduction="sum").double()
         confidence, predicted = logits.softmax(dim=1).max(dim=1)
-        which = (confidence * self.num_bins).long().clamp_(max=self.num_bins - 1)
+        self.nonfinite += (~torch.isfinite(logits).all(dim=1)).sum()
+        # NaN would turn into an arbitrary (negative) bin index: such samples go to bin 0 (their NaN confidence
+        # still makes the ECE NaN, which is what a diverged model's calibration is).
+        which = (confidence * self.num_bins).nan_to_num(0.0).long().clamp_(0, self.num_bins - 1)
         correct = (predicted == labels).double()
         ones = torch.ones_like(correct)
         self.bins[0].index_add_(0, which, ones)
@@ -100,19 +114,21 @@ class EvalAccumulator:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(self.bins)
             torch.distributed.all_reduce(self.nll)
+            torch.distributed.all_reduce(self.nonfinite)
 
     def compute(self) -> dict[str, float]:
         bins = self.bins.cpu()
         counts, correct, confidence = bins
         total = float(counts.sum())
         if total == 0:
-            return {"accuracy": math.nan, "nll": math.nan, "ece": math.nan, "samples": 0.0}
+            return {"accuracy": math.nan, "nll": math.nan, "ece": math.nan, "samples": 0.0, "nonfinite": 0.0}
         gaps = (correct - confidence).abs()  # |n_b·acc_b − n_b·conf_b|
         return {
             "accuracy": float(correct.sum()) / total,
             "nll": float(self.nll) / total,
             "ece": float(gaps.sum()) / total,
             "samples": total,
+            "nonfinite": float(self.nonfinite),
         }
 
 

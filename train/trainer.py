@@ -10,6 +10,14 @@ evaluation (top-1, NLL, ECE; no temperature), one CSV row, TensorBoard, plots an
 checkpoint. Under ``torchrun`` the same code runs DistributedDataParallel. What the run is built
 from lives in :mod:`cycdata.train.builders`, its checkpoints in :mod:`cycdata.train.checkpoint`.
 
+**Numeric failure is a clear stop.** The first non-finite loss (or a non-finite weight or buffer after
+the epoch's last step) raises :class:`TrainingDiverged`: one line with the epoch, the step, the knobs'
+values at that step and what to try. It is a :class:`~cycdata.config.ConfigError` (the knobs' values
+caused it), so ``cycdata train`` exits with status 2. The check costs no host sync per step: the first
+bad step is kept on the device and read at the epoch's end, before evaluation and before anything is
+saved, so the checkpoints of the epochs before stay as they were. ``--resume`` continues from the last
+good epoch with the same config and so stops at the same point again (the message says so).
+
 Example:
     >>> from cycdata.config import parse_config
     >>> import tempfile
@@ -27,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +81,7 @@ from cycdata.train.objectives import (
 
 __all__ = [
     "EpochContext",
+    "TrainingDiverged",
     "build_model",
     "build_optimizer",
     "build_train_loader",
@@ -89,6 +99,53 @@ def check_supported(config: RunConfig) -> None:
     """Refuse, before training, config features this trainer cannot honour."""
     if config.self_paced is not None and config.semi_supervised is not None:
         raise ConfigError("self_paced", "self-paced selection and semi_supervised cannot be combined; set one to null")
+
+
+# --------------------------------------------------------------------------------------------
+# Numeric failure
+# --------------------------------------------------------------------------------------------
+
+_NO_STEP = 2**62  # "no bad step yet" for the device-side minimum over steps (and ranks)
+
+
+class TrainingDiverged(ConfigError):
+    """The loss or the weights became NaN or infinite: the run stops with one line (``cycdata train``: exit 2)."""
+
+    def __init__(self, what: str, epoch: int, epochs: int, step: int, steps: int,
+                 knobs: Mapping[str, float | int]) -> None:
+        values = ", ".join(f"{name}={float(value):.4g}" for name, value in knobs.items())
+        clip = "a tighter grad_clip" if "grad_clip" in knobs else "grad_clip (e.g. grad_clip={easy: 0.5, hard: 2})"
+        super().__init__("", (
+            f"training diverged: {what} in epoch {epoch + 1}/{epochs}, step {step + 1}/{steps} ({values}); "
+            f"try a lower optim.lr, a higher temperature or {clip}. Nothing of this epoch was saved; "
+            "--resume would repeat it with the same config and stop here again"))
+
+
+def _first_nonfinite_step(first: Tensor, loss: Tensor, step: int) -> Tensor:
+    """``first`` with ``step`` in it if it is the first step whose ``loss`` is not finite (device ops only)."""
+    return torch.where(torch.isfinite(loss.detach()), first, first.clamp(max=step))
+
+
+def _all_finite(module: nn.Module) -> bool:
+    """Whether every parameter and buffer of ``module`` is finite: one host read for the whole model."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _check_finite(first_bad: Tensor, model: nn.Module, epoch: int, epochs: int,
+                  knobs_by_step: list[dict[str, float | int]]) -> None:
+    """Raise :class:`TrainingDiverged` when some rank saw a non-finite loss, or the weights are not finite."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)  # every rank stops together
+    steps = len(knobs_by_step)
+    step = int(first_bad)
+    if step != _NO_STEP:
+        raise TrainingDiverged("the loss became NaN or infinite", epoch, epochs, step, steps, knobs_by_step[step])
+    if steps and not _all_finite(model):
+        raise TrainingDiverged("the weights became NaN or infinite", epoch, epochs, steps - 1, steps,
+                               knobs_by_step[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,15 +221,21 @@ def augment_batch(
 def train_one_epoch(
     model: nn.Module, loader: CyclicalLoader, epoch: int, context: EpochContext, progress: Any
 ) -> dict[str, float]:
-    """One pass of the loader; per-sample losses go to the loader's ledger (no host sync per step)."""
+    """One pass of the loader; per-sample losses go to the loader's ledger (no host sync per step).
+
+    Raises :class:`TrainingDiverged` at the epoch's end when a loss or the weights became non-finite.
+    """
     model.train()
     hooks, optimizer, device = context.hooks, context.optimizer, context.runtime.device
     objective, amp = context.objective(), context.autocast
     sums = DeviceSums((*objective.sums, "grad_norm"), device)
     steps, seen, epoch_samples = len(loader), 0, max(1, loader.samples_per_epoch)  # len(): before the pass
+    first_bad = torch.full((), _NO_STEP, dtype=torch.int64, device=device)  # the first non-finite loss's step
+    knobs_by_step: list[dict[str, float | int]] = []  # host values the hooks computed anyway: for the message
     for step, (images, labels) in enumerate(loader):
         # Per-step knobs advance by the share of this epoch's samples already seen (the one clock).
         knobs = hooks.update(epoch, min(1.0, seen / epoch_samples))
+        knobs_by_step.append(knobs)
         labeled = loader.labeled_count
         seen += labeled
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -181,6 +244,7 @@ def train_one_epoch(
             logits = model(inputs)
         batch = Batch(logits, labels, targets, labeled, inputs, knobs)
         loss, per_sample, step_sums = objective(batch, loader.batch_weights)
+        first_bad = _first_nonfinite_step(first_bad, loss, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = hooks.clip_gradients(model)
@@ -195,6 +259,7 @@ def train_one_epoch(
             progress.update(1)
     sums.all_reduce()
     totals = sums.totals()
+    _check_finite(first_bad, model, epoch, context.config.epochs, knobs_by_step)
     step_metrics: dict[str, float] = {}
     if hooks.clip_threshold is not None and hooks.clip_mode == "norm":
         step_metrics["grad_norm"] = totals["grad_norm"] / (steps * context.runtime.world_size)
@@ -205,7 +270,10 @@ def train_one_epoch(
 def evaluate(
     model: nn.Module, loader: BatchLoader, config: RunConfig, normalize: Normalize, runtime: Runtime
 ) -> dict[str, float]:
-    """Top-1, NLL and ECE on the plain (untempered) logits, reduced over all ranks."""
+    """Top-1, NLL and ECE on the plain (untempered) logits, reduced over all ranks.
+
+    ``test_nonfinite`` (samples whose logits were NaN or infinite) is in the result only when some were.
+    """
     model.eval()
     scores = EvalAccumulator(device=runtime.device)
     amp = autocast(config, runtime.device)
@@ -215,7 +283,10 @@ def evaluate(
         scores.add(logits, labels.to(runtime.device, non_blocking=True))
     scores.all_reduce()
     result = scores.compute()
-    return {"test_accuracy": result["accuracy"], "test_nll": result["nll"], "test_ece": result["ece"]}
+    metrics = {"test_accuracy": result["accuracy"], "test_nll": result["nll"], "test_ece": result["ece"]}
+    if result["nonfinite"]:
+        metrics["test_nonfinite"] = result["nonfinite"]
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,6 +343,10 @@ def train(
             train_metrics = train_one_epoch(train_model, train_loader, epoch, context, progress)
             train_seconds = time.perf_counter() - started
             test_metrics = evaluate(model, test_loader, config, normalize, runtime)
+            if test_metrics.pop("test_nonfinite", 0):  # finite but huge weights: the outputs overflow
+                steps = len(train_loader)
+                raise TrainingDiverged("the model's outputs became NaN or infinite (evaluation)", epoch,
+                                       config.epochs, steps - 1, steps, hooks.values)
             if progress is not None:
                 progress.close()
             row = {"epoch": epoch, **plan.at(epoch), **data_knobs, **train_metrics, **test_metrics,
