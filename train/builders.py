@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import datetime
+import math
 import os
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 
 from cycdata.augment_ladder.ladder import Ladder, LadderError, load_ladder
 from cycdata.config import ConfigError, RunConfig
-from cycdata.loaders.datasets import DatasetSplits, TensorImageDataset
+from cycdata.loaders.datasets import DatasetSplits, TensorImageDataset, load_dataset
 from cycdata.loaders.device_loader import fits_in_memory
 from cycdata.loaders.torch_loader import BatchLoader, CyclicalLoader
 from cycdata.plan import Plan
@@ -33,6 +35,8 @@ from cycdata.samplers import ShuffledBatchSampler
 from cycdata.train.weights import build_teacher, load_weights
 
 __all__ = [
+    "DDP_TIMEOUT_ENV",
+    "DistributedTimeout",
     "Normalize",
     "Runtime",
     "autocast",
@@ -43,12 +47,19 @@ __all__ = [
     "build_run_teacher",
     "build_test_loader",
     "build_train_loader",
+    "check_model",
+    "collective_timeout",
+    "ddp_timeout",
     "labeled_subset",
     "limit_train",
     "resolve_ladder",
     "setup_runtime",
+    "validate_run",
     "wrap_for_training",
 ]
+
+DDP_TIMEOUT_ENV = "CYCDATA_DDP_TIMEOUT"
+DEFAULT_DDP_TIMEOUT_S = 600.0  # long enough for a slow first epoch's evaluation, short enough to notice a hang
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,8 +84,56 @@ class Runtime:
         return self.world_size > 1
 
 
+class DistributedTimeout(ConfigError):
+    """A rank waited longer than ``CYCDATA_DDP_TIMEOUT`` for the others (``cycdata``: one line, exit 2, as
+    :class:`~cycdata.config.ConfigError`): one of them stopped, crashed or never started."""
+
+    def __init__(self, rank: int, world_size: int, what: str, seconds: float) -> None:
+        super().__init__("", (
+            f"rank {rank} of {world_size}: {what} timed out after {seconds:g} s waiting for the other ranks (one "
+            f"stopped, crashed or never started; see their logs); if they are only slow, raise {DDP_TIMEOUT_ENV} "
+            f"(seconds, default {DEFAULT_DDP_TIMEOUT_S:g})"))
+
+
+def ddp_timeout() -> datetime.timedelta:
+    """How long a rank waits in a collective (and for the others to join): ``CYCDATA_DDP_TIMEOUT`` seconds.
+
+    Example:
+        >>> ddp_timeout().total_seconds() if DDP_TIMEOUT_ENV not in os.environ else 600.0
+        600.0
+    """
+    raw = os.environ.get(DDP_TIMEOUT_ENV, "")
+    if not raw:
+        return datetime.timedelta(seconds=DEFAULT_DDP_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(DDP_TIMEOUT_ENV, f"got {raw!r}; give the seconds a rank waits for the others, e.g. 600")
+    return datetime.timedelta(seconds=seconds)
+
+
+def collective_timeout(error: BaseException, runtime: Runtime) -> DistributedTimeout | None:
+    """The one-line :class:`DistributedTimeout` for a backend error that is a timeout, else None.
+
+    gloo raises a RuntimeError ("Timed out waiting ... for recv", or "Connection closed by peer" when the
+    other side was killed) from a collective; a caller that runs collectives converts it with this.
+    """
+    text = str(error).lower()
+    if not runtime.distributed or not isinstance(error, RuntimeError):
+        return None
+    if "timed out" in text or "timeout" in text or "connection closed by peer" in text or "connection reset" in text:
+        return DistributedTimeout(runtime.rank, runtime.world_size, "a collective", ddp_timeout().total_seconds())
+    return None
+
+
 def setup_runtime(requested: str) -> Runtime:
-    """Pick the device and join the process group when launched by ``torchrun``."""
+    """Pick the device and join the process group when launched by ``torchrun``.
+
+    Collectives (and joining) time out after ``CYCDATA_DDP_TIMEOUT`` seconds, so a stopped rank ends
+    the others with one line instead of blocking them forever.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -90,7 +149,13 @@ def setup_runtime(requested: str) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        timeout = ddp_timeout()
+        try:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        except (RuntimeError, dist.DistError) as error:  # DistStoreError: the others never joined
+            if "time" not in str(error).lower():
+                raise
+            raise DistributedTimeout(rank, world_size, "joining the process group", timeout.total_seconds()) from None
     return Runtime(device=device, rank=rank, world_size=world_size)
 
 
@@ -116,6 +181,9 @@ def limit_train(data: DatasetSplits, count: int | None) -> DatasetSplits:
     """The splits with the train split cut to a fixed, class-balanced subset of ``count`` samples."""
     if count is None:
         return data
+    if count < data.num_classes:  # some classes would have no training sample at all
+        raise ConfigError("data.train_limit", f"got {count}, fewer than {data.name}'s {data.num_classes} classes; "
+                          f"give at least {data.num_classes} (one sample per class), or null for all")
     labels = getattr(data.train, "labels", None)
     images = getattr(data.train, "images", None)
     if not isinstance(labels, Tensor) or not isinstance(images, Tensor):
@@ -254,14 +322,71 @@ def build_normalize(config: RunConfig, data: DatasetSplits, runtime: Runtime) ->
 # --------------------------------------------------------------------------------------------
 
 
+_DOWNLOADING_SOURCES = ("hf-hub",)  # timm model names that fetch a config (and weights) from the network
+
+
+def check_model(config: RunConfig, data: DatasetSplits) -> None:
+    """Refuse a model that cannot be built offline or cannot take the dataset's images, before anything is written.
+
+    The model is built on the meta device (no memory, no weights, the global RNG untouched) and given one
+    image of the dataset's shape: a ViT fixed at 224 px fails here on 32 px images, not in the first step.
+
+    Example:
+        >>> from cycdata.config import parse_config
+        >>> from cycdata.loaders.datasets import load_dataset
+        >>> data = load_dataset("synthetic:20")
+        >>> try:
+        ...     check_model(parse_config({"model": "vit_tiny_patch16_224"}), data)
+        ... except ConfigError as error:
+        ...     print(str(error).split(" (")[0])
+        model: vit_tiny_patch16_224 cannot take synthetic's 3x32x32 images
+    """
+    import timm
+
+    name = config.model
+    source = name.split(":", 1)[0] if ":" in name else ""
+    if source in _DOWNLOADING_SOURCES:
+        raise ConfigError("model", f"{name!r} would be fetched from the network, and cycdata never downloads; give a "
+                          "timm architecture name (timm.list_models()) and load weights with init=FILE")
+    if not timm.is_model(name):
+        raise ConfigError("model", f"unknown timm model {name!r}; see timm.list_models() for names")
+    shape = (1, data.in_chans, data.image_size, data.image_size)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, num_classes=data.num_classes, in_chans=data.in_chans).eval()
+            with torch.no_grad():
+                model(torch.zeros(shape))
+    except NotImplementedError:  # an operation without a meta kernel: the check cannot tell, the real run will
+        return
+    except Exception as error:  # shape and size assertions differ by architecture (AssertionError, RuntimeError, ...)
+        if "meta" in str(error):
+            return
+        raise ConfigError("model", f"{name} cannot take {data.name}'s {data.in_chans}x{data.image_size}x"
+                          f"{data.image_size} images ({error}); choose a model for this input size, e.g. resnet18 "
+                          "or test_resnet") from None
+
+
 def build_model(config: RunConfig, data: DatasetSplits) -> nn.Module:
     """The timm model ``config.model`` for the dataset's classes and channels (initialised from the global RNG)."""
     import timm
 
+    check_model(config, data)
     try:
         return timm.create_model(config.model, num_classes=data.num_classes, in_chans=data.in_chans)
     except RuntimeError as error:  # timm's "Unknown model" is a RuntimeError
         raise ConfigError("model", f"{error}; see timm.list_models() for names") from None
+
+
+def validate_run(config: RunConfig) -> DatasetSplits:
+    """Everything ``cycdata train`` checks before it writes anything, for ``plan`` and ``train`` alike.
+
+    Loads the dataset (its path, files and checksums), applies ``data.train_limit`` (at least one sample
+    per class), resolves the ladder and checks the model against the data. Returns the run's data.
+    """
+    data = limit_train(load_dataset(config.data.dataset), config.data.train_limit)
+    resolve_ladder(config, data)
+    check_model(config, data)
+    return data
 
 
 def build_run_model(config: RunConfig, data: DatasetSplits, runtime: Runtime, *, fresh: bool) -> nn.Module:
