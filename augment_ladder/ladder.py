@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor
+
+from cycdata.config import ConfigError, read_yaml
 
 __all__ = [
     "LADDERS",
@@ -357,14 +358,13 @@ def load_ladder(spec: str | Path) -> Ladder:
             f"unknown ladder {str(spec)!r}{_suggest(str(spec), list(LADDERS))}; use one of "
             f"{', '.join(LADDERS)} or a .yaml file"
         )
+    if not path.exists():
+        raise LadderError(f"ladder file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise LadderError(f"ladder file not found: {path}") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise LadderError(f"malformed YAML in {path}{where}: {getattr(error, 'problem', error)}") from None
+        # The config's reader: plain data only, and binary files, folders, duplicate keys and YAML bombs refused.
+        raw = read_yaml(path, key="ladder")
+    except ConfigError as error:
+        raise LadderError(str(error)) from None
     return parse_ladder(raw, name=path.stem)
 
 

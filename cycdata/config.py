@@ -48,7 +48,20 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_config",
+    "read_yaml",
+    "validate_config",
+    "with_epochs",
 ]
+
+#: The longest run a config may ask for: a typo such as ``epochs=100000000`` would otherwise plan (and
+#: train) for hours before anyone notices.
+MAX_EPOCHS = 100_000
+#: Seeds are mixed into per-stream generators; numpy's legacy seeding and most tools stop at 32 bits.
+MAX_SEED = 2**32 - 1
+#: A config is a handful of small keys: larger or deeper files are not configs (or are attacks on the parser).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+MAX_YAML_VALUES = 100_000
 
 
 class ConfigError(ValueError):
@@ -69,16 +82,16 @@ Parser = Callable[[str, Any, "Mapping[str, Any]"], Any]
 # --------------------------------------------------------------------------------------------
 
 
+def _bound_text(bound: float) -> str:
+    # Integers in full: "<= 4294967295" says exactly what is allowed, "<= 4.29497e+09" does not.
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
 def _describe_bounds(ge: float | None, gt: float | None, le: float | None, lt: float | None) -> str:
     parts = []
-    if ge is not None:
-        parts.append(f">= {ge:g}")
-    if gt is not None:
-        parts.append(f"> {gt:g}")
-    if le is not None:
-        parts.append(f"<= {le:g}")
-    if lt is not None:
-        parts.append(f"< {lt:g}")
+    for sign, bound in ((">=", ge), (">", gt), ("<=", le), ("<", lt)):
+        if bound is not None:
+            parts.append(f"{sign} {_bound_text(bound)}")
     return " and ".join(parts)
 
 
@@ -89,7 +102,8 @@ def _to_number(key: str, raw: Any, integer: bool) -> float | int:
     if isinstance(raw, str):
         # YAML 1.1 reads "1e-5" (no dot) as a string; accept what is plainly a number.
         try:
-            raw = float(raw) if not integer else int(raw)
+            # An integer key may be written "1e3" too: the integer check below decides.
+            raw = int(raw) if integer and raw.strip().lstrip("+-").isdigit() else float(raw)
         except ValueError:
             raise ConfigError(key, f"got {raw!r}, expected {kind}") from None
     if integer:
@@ -224,6 +238,16 @@ def knob_range(schedule: Schedule | None) -> tuple[float, float] | None:
     return None
 
 
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N"
+
+
+def device(key: str, raw: Any, ctx: Mapping[str, Any]) -> str:
+    """Validate ``runtime.device``: torch would only fail on a bad name when training starts."""
+    if isinstance(raw, str) and re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", raw):
+        return raw
+    raise ConfigError(key, f"got {raw!r}, must be one of: {DEVICE_FORMS}")
+
+
 # --------------------------------------------------------------------------------------------
 # Datasets
 # --------------------------------------------------------------------------------------------
@@ -341,7 +365,14 @@ LADDERS = ("auto", "none", "flips", "default", "digits")
 
 
 def ladder(key_name: str, raw: Any, ctx: Mapping[str, Any]) -> str:
-    if isinstance(raw, str) and (raw in LADDERS or raw.endswith((".yaml", ".yml"))):
+    """A built-in ladder name, or a ladder YAML file that exists (so ``plan`` refuses what ``train`` would)."""
+    if isinstance(raw, str) and raw in LADDERS:
+        return raw
+    if isinstance(raw, str) and raw.endswith((".yaml", ".yml")):
+        if not Path(raw).is_file():
+            state = "is a folder" if Path(raw).is_dir() else "does not exist"
+            raise ConfigError(key_name, f"the ladder file {raw} {state}; give a ladder .yaml file or a built-in "
+                              f"ladder ({', '.join(LADDERS)})")
         return raw
     raise ConfigError(
         key_name,
@@ -396,7 +427,7 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    device: str = key(text, "auto", "auto, cpu, cuda, cuda:N")
+    device: str = key(device, "auto", DEVICE_FORMS)
     amp: bool = key(boolean, True, "bf16 autocast on GPU")
     channels_last: bool = key(boolean, True, "channels_last memory format on GPU")
     compile: bool = key(boolean, False, "torch.compile the model")
@@ -406,9 +437,9 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    epochs: int = key(number(ge=2, integer=True), 20, "epochs the run (and the cycle) spans")
+    epochs: int = key(number(ge=2, le=MAX_EPOCHS, integer=True), 20, "epochs the run (and the cycle) spans")
     cyclical_factor: float = key(number(ge=1), 2.0, "shared cyclical factor (1 = ramp, 2 = easy-hard-easy)")
-    seed: int = key(number(ge=0, integer=True), 0, "random seed")
+    seed: int = key(number(ge=0, le=MAX_SEED, integer=True), 0, "random seed")
     model: str = key(text, "resnet10t", "any timm model name")
     init: str | None = key(optional(text), None, "initial weights: a checkpoint, run folder or weights file "
                            "(weights only; a head of another size is re-initialised)")
@@ -485,13 +516,60 @@ def _check_consistency(config: RunConfig) -> None:
                               "optim.lr conflicts with it: give optim.lr as a number (the starting LR)")
     if config.distill is not None and not config.distill.teacher:
         raise ConfigError("distill.teacher", "is required: a checkpoint file or run folder, or MODEL:WEIGHTS")
+    _check_lr_run(config)
     sp = config.self_paced
+    if sp is not None and config.semi_supervised is not None:
+        # Checked here, not only by the trainer, so `cycdata plan` refuses what `cycdata train` would.
+        raise ConfigError("self_paced", "self-paced selection and semi_supervised cannot be combined; set one to null")
     if sp is not None and (sp.keep is None) == (sp.threshold is None):
         raise ConfigError(
             "self_paced",
             "set exactly one of self_paced.keep (a fraction) or self_paced.threshold "
             "(a loss value); use 'keep: null' to select by threshold",
         )
+
+
+def _check_lr_run(config: RunConfig) -> None:
+    """The LR schedule must fit the run: a warmup within it, and a decay that goes down."""
+    optim = config.optim
+    if optim.warmup_epochs >= config.epochs:
+        raise ConfigError("optim.warmup_epochs", f"got {optim.warmup_epochs:g}, must be below epochs "
+                          f"({config.epochs}): the warmup would fill the whole run; e.g. optim.warmup_epochs=1")
+    decays = isinstance(optim.lr, Constant) and optim.sched != "constant"
+    if decays and optim.min_lr > optim.lr.value:
+        raise ConfigError("optim.min_lr", f"got {optim.min_lr:g}, above optim.lr ({optim.lr.value:g}): the LR would "
+                          f"climb over the run; give optim.min_lr <= optim.lr, e.g. 0")
+
+
+def validate_config(config: RunConfig) -> RunConfig:
+    """Check the rules that involve more than one key (a config built or changed in code); returns it.
+
+    Example:
+        >>> import dataclasses
+        >>> config = parse_config({"optim": {"lr": 0.1}})
+        >>> validate_config(dataclasses.replace(config, optim=dataclasses.replace(config.optim, min_lr=0.5)))
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        cycdata.config.ConfigError: optim.min_lr: got 0.5, above optim.lr (0.1): the LR would climb over the run; ...
+    """
+    _check_consistency(config)
+    return config
+
+
+def with_epochs(config: RunConfig, epochs: Any) -> RunConfig:
+    """``config`` over another number of epochs, validated as if ``epochs`` had been in the file.
+
+    Example:
+        >>> with_epochs(parse_config({}), 5).epochs
+        5
+        >>> with_epochs(parse_config({}), 10**9)
+        Traceback (most recent call last):
+        ...
+        cycdata.config.ConfigError: epochs: got 1000000000, must be >= 2 and <= 100000
+    """
+    parse = next(f.metadata["parse"] for f in dataclasses.fields(RunConfig) if f.name == "epochs")
+    return validate_config(dataclasses.replace(config, epochs=parse("epochs", epochs, {})))
 
 
 def parse_config(raw: Mapping[str, Any] | None) -> RunConfig:
@@ -501,7 +579,7 @@ def parse_config(raw: Mapping[str, Any] | None) -> RunConfig:
         >>> parse_config({"epochs": 1})
         Traceback (most recent call last):
         ...
-        cycdata.config.ConfigError: epochs: got 1, must be >= 2
+        cycdata.config.ConfigError: epochs: got 1, must be >= 2 and <= 100000
     """
     raw = {} if raw is None else raw
     if not isinstance(raw, Mapping):
@@ -558,9 +636,11 @@ def apply_overrides(raw: Mapping[str, Any] | None, overrides: Iterable[str]) -> 
         if not sep or not dotted or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", dotted):
             raise ConfigError("override", f"got {item!r}, expected KEY=VALUE with a dotted key, e.g. optim.lr=0.05")
         try:
-            value = yaml.safe_load(text_value) if text_value else None
+            value = _load_yaml(text_value) if text_value else None
+        except (_DuplicateKeyError, _ShapeError) as error:
+            raise ConfigError(dotted, f"in {item!r}{_yaml_problem(error)}") from None
         except yaml.YAMLError:
-            value = text_value
+            value = text_value  # not YAML: the plain string (a path, a name with a colon)
         _set_dotted(result, dotted, value)
     return result
 
@@ -569,22 +649,115 @@ def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
 
 
-def read_yaml(path: str | Path) -> Any:
-    """Read a YAML file; a missing file or malformed YAML raises one-line :class:`ConfigError`."""
-    path = Path(path)
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names a key twice: plain YAML keeps the last silently, so a config would lose a setting."""
+
+
+class _ShapeError(yaml.YAMLError):
+    """A document nested or aliased beyond anything a config needs (a YAML bomb, or not a config)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (plain data, never code) that also refuses duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges are meant to be overridden by the keys beside them
+            name = self.construct_object(key_node, deep=True)
+            try:
+                if name in first_line:
+                    raise _DuplicateKeyError(None, None, f"duplicate key {name!r} (first at line {first_line[name]}); "
+                                             "keep one of them", key_node.start_mark)
+                first_line[name] = key_node.start_mark.line + 1
+            except TypeError:
+                pass  # an unhashable key: the base constructor reports it
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_shape(data: Any) -> None:
+    """Refuse documents deeper than MAX_YAML_DEPTH or with more nodes than a config could hold.
+
+    Walked without recursion and with a budget: aliases can make a small file expand into billions of
+    nodes, which copying the config would then try to build.
+    """
+    budget = MAX_YAML_VALUES
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise _ShapeError(f"expands to more than {MAX_YAML_VALUES} values (aliases?); a config is a few keys")
+        if depth > MAX_YAML_DEPTH:
+            raise _ShapeError(f"nested deeper than {MAX_YAML_DEPTH} levels; a config is a few levels of keys")
+        children = node.values() if isinstance(node, Mapping) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _load_yaml(source: str) -> Any:
+    """Parse YAML text as plain data; raises :class:`yaml.YAMLError` for anything that is not a sane document."""
     try:
-        source = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError("config", f"file not found: {path}") from None
+        data = yaml.load(source, Loader=_StrictLoader)  # a SafeLoader subclass: no code runs
+    except RecursionError:
+        raise _ShapeError(f"nested deeper than {MAX_YAML_DEPTH} levels; a config is a few levels of keys") from None
+    _check_shape(data)
+    return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: where the YAML went wrong and what the problem is."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{where}: {problem}"
+
+
+def _read_text(path: Path, key: str) -> str:
+    """The file's text, refusing what cannot be a YAML config: folders, devices, huge or binary files."""
+    try:
+        if path.is_dir():
+            raise ConfigError(key, f"{path} is a folder; give a YAML file")
+        if not path.exists():
+            raise ConfigError(key, f"file not found: {path}")
+        if not path.is_file():
+            raise ConfigError(key, f"{path} is not a regular file; give a YAML file")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(key, f"{path} is over {MAX_CONFIG_BYTES >> 20} MiB; a YAML config is a few keys")
+        data = path.read_bytes()
     except OSError as error:
-        raise ConfigError("config", f"cannot read {path}: {error.strerror}") from None
+        raise ConfigError(key, f"cannot read {path}: {error.strerror}") from None
     try:
-        return yaml.safe_load(source)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(key, f"{path} is not a text file (byte {data[error.start]:#04x} at offset {error.start} "
+                          "is not UTF-8); give a YAML file") from None
+
+
+def read_yaml(path: str | Path, key: str = "config") -> Any:
+    """Read a YAML file as plain data; every problem raises one-line :class:`ConfigError` under ``key``.
+
+    Refused: a missing, unreadable, binary, empty or oversized file, a folder, malformed YAML, a duplicate
+    key (YAML would keep the last silently) and documents nested or aliased beyond any config.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> file = pathlib.Path(tempfile.mkdtemp()) / "run.yaml"
+        >>> _ = file.write_text("epochs: 3\\nseed: 1\\nepochs: 5\\n")
+        >>> read_yaml(file)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        cycdata.config.ConfigError: config: malformed YAML in ...run.yaml at line 3, column 1: duplicate key 'epochs'...
+    """
+    path = Path(path)
+    source = _read_text(path, key)
+    try:
+        data = _load_yaml(source)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError("config", f"malformed YAML in {path}{where}: {problem}") from None
+        raise ConfigError(key, f"malformed YAML in {path}{_yaml_problem(error)}") from None
+    if data is None:
+        raise ConfigError(key, f"{path} is empty (no keys); write {{}} in it for the defaults, or leave it out")
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:

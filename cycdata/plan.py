@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from cycdata.clock import Clock
-from cycdata.config import RunConfig, knob_range
+from cycdata.config import RunConfig, knob_range, with_epochs
 from cycdata.schedules import Constant, Cosine, Cyclical, Linear, Schedule, Warmup
 
 __all__ = ["Knob", "Plan", "lr_schedule"]
@@ -109,9 +109,7 @@ class Plan:
     def from_config(cls, config: RunConfig, epochs: int | None = None) -> Plan:
         """Plan every knob that ``config`` turns on (``epochs`` overrides ``config.epochs``)."""
         if epochs is not None and epochs != config.epochs:
-            from dataclasses import replace
-
-            config = replace(config, epochs=epochs)
+            config = with_epochs(config, epochs)  # validated like a config's epochs (bounds, warmup within the run)
         clock = Clock(config.epochs, unit=config.schedule_unit, normalization=config.normalization,  # type: ignore[arg-type]
                       start=config.cycle.start, end=config.cycle.end)
         power = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}[config.data.lr_coupling]
