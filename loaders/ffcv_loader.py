@@ -511,6 +511,7 @@ def _write_watched(writer: Any, dataset: _WritableSplit, progress: bool) -> None
 def _writer_process(parent: int, errors: Any, job: Any, *args: Any) -> None:
     """A writer process: dies with its parent, reports its failure as one line instead of a traceback."""
     _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent ends us, quietly
     try:
         job(*args)
     except Exception as error:
