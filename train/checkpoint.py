@@ -67,7 +67,8 @@ _CHECKSUM_KEY = "checksum"
 
 # What a version-1 checkpoint needs beyond weights_only's defaults: numpy arrays rebuild from a dtype and a
 # byte string; no other code can be reached through them (their items pass the same restricted unpickler).
-_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, np.arange(1).__reduce__()[0]]
+_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, np.arange(1).__reduce__()[0],
+                        *(type(np.dtype(kind)) for kind in "?bBhHiIlLqQefd")]  # numeric dtypes' classes
 
 # The temporary names save_checkpoint gives run checkpoints (tempfile.mkstemp: 8 random name characters).
 _TEMPORARY_NAME = re.compile(r"\.(last|best)\.pt\.[A-Za-z0-9_]{8}\.tmp")
@@ -151,9 +152,12 @@ def load_untrusted(path: str | Path, map_location: str | torch.device = "cpu") -
         with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):
-            raise CheckpointError(f"cannot read {path} (truncated or not a torch file): {one_line(error)}") from None
-        names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(error)))) or ["unknown"]
+        # torch names a refused object as "GLOBAL module.name" (a function) or "got <class 'module.name'>" (a
+        # type); any other unpickling error is a damaged or foreign file.
+        found = re.findall(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", str(error))
+        names = sorted({function or kind for function, kind in found})
+        if not names:
+            raise CheckpointError(f"cannot read {path} (truncated or not a torch file)") from None
         raise UnsafeFileError(
             f"{path} holds Python objects besides tensors ({', '.join(names)}); cycdata never runs code from a "
             "file it is given: use a cycdata checkpoint, a plain state dict of tensors or a .safetensors file"
@@ -385,7 +389,10 @@ def _config_for_resume(stored: dict[str, Any], config_file: Path) -> RunConfig:
     if not config_file.exists():
         return config  # the trainer writes it again from the checkpoint's config
     try:
-        edited = parse_config(read_yaml(config_file))
+        raw = read_yaml(config_file)
+        if not isinstance(raw, Mapping):  # empty, or a bare value: not the file the trainer wrote
+            raise ConfigError("config", f"holds {type(raw).__name__}, not a mapping of keys")
+        edited = parse_config(raw)
     except (ConfigError, ValueError) as error:  # ValueError: a binary file is no UTF-8 text
         raise ConfigError("config", f"{config_file} cannot be read as a config ({one_line(error)}); the run's "
                           "config is in last.pt: delete config.yaml to resume with it") from None
