@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from cycdata.augment_ladder.ladder import Ladder
-from cycdata.config import ConfigError, RunConfig, dump_config
+from cycdata.config import ConfigError, RunConfig, dump_config, validate_config
 from cycdata.loaders.datasets import load_dataset
 from cycdata.loaders.torch_loader import BatchLoader, CyclicalLoader
 from cycdata.plan import Plan
@@ -96,9 +96,8 @@ __all__ = [
 # Features that parse and plan but that this trainer does not run yet: refused up front rather
 # than silently ignored.
 def check_supported(config: RunConfig) -> None:
-    """Refuse, before training, config features this trainer cannot honour."""
-    if config.self_paced is not None and config.semi_supervised is not None:
-        raise ConfigError("self_paced", "self-paced selection and semi_supervised cannot be combined; set one to null")
+    """Refuse, before training, a config built or changed in code that breaks a rule across keys."""
+    validate_config(config)
 
 
 # --------------------------------------------------------------------------------------------
