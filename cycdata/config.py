@@ -40,6 +40,7 @@ __all__ = [
     "LossConfig",
     "OptimConfig",
     "RunConfig",
+    "RunStopped",
     "RuntimeConfig",
     "SelfPacedConfig",
     "SemiSupervisedConfig",
@@ -70,6 +71,11 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str) -> None:
         self.key = key
         super().__init__(f"{key}: {message}" if key else message)
+
+
+class RunStopped(ConfigError):
+    """A run that cannot go on with this config or setup (the loss diverged, a rank never answered): one
+    line and exit 2 like a bad config, printed without "invalid config"."""
 
 
 # A parser turns the raw YAML value at dotted key ``key`` into a typed value; ``ctx`` carries

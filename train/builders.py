@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from cycdata.augment_ladder.ladder import Ladder, LadderError, load_ladder
-from cycdata.config import ConfigError, RunConfig
+from cycdata.config import ConfigError, RunConfig, RunStopped
 from cycdata.loaders.datasets import DatasetSplits, TensorImageDataset, load_dataset
 from cycdata.loaders.device_loader import fits_in_memory
 from cycdata.loaders.torch_loader import BatchLoader, CyclicalLoader
@@ -84,9 +84,9 @@ class Runtime:
         return self.world_size > 1
 
 
-class DistributedTimeout(ConfigError):
+class DistributedTimeout(RunStopped):
     """A rank waited longer than ``CYCDATA_DDP_TIMEOUT`` for the others (``cycdata``: one line, exit 2, as
-    :class:`~cycdata.config.ConfigError`): one of them stopped, crashed or never started."""
+    :class:`~cycdata.config.RunStopped`): one of them stopped, crashed or never started."""
 
     def __init__(self, rank: int, world_size: int, what: str, seconds: float) -> None:
         super().__init__("", (

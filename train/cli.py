@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cycdata.augment_ladder.ladder import LadderError
-from cycdata.config import ConfigError, RunConfig, apply_overrides, load_config
+from cycdata.config import ConfigError, RunConfig, RunStopped, apply_overrides, load_config
 from cycdata.loaders.datasets import DatasetError
 from cycdata.loaders.ffcv_loader import FFCVMissingError
 from cycdata.plan import Plan
@@ -71,6 +72,9 @@ def _command_plan(args: argparse.Namespace) -> int:
     config = load_config(config_path, overrides)
     if args.plot:
         check_output("--plot", args.plot, folder=False)
+    from cycdata.train.builders import validate_run
+
+    validate_run(config)  # what train would refuse (dataset, ladder, model against the images), plan refuses too
     plan = Plan.from_config(config)
     if args.json:
         print(plan.to_json())
@@ -360,8 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handler: Callable[[argparse.Namespace], int] = args.handler
+    warnings.formatwarning = _one_line_warning
     try:
         return handler(args)
+    except RunStopped as error:
+        print(f"cycdata {args.command}: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except ConfigError as error:
         print(f"cycdata {args.command}: invalid config: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -376,11 +384,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cycdata {args.command}: {line}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(
-            f"cycdata {args.command}: interrupted; the last finished epoch is in last.pt (use --resume)",
-            file=sys.stderr,
-        )
+        print(f"cycdata {args.command}: interrupted; {_INTERRUPTED.get(args.command, 'nothing was replaced')}",
+              file=sys.stderr)
         return 130
+
+
+# What an interrupted command leaves behind.
+_INTERRUPTED = {
+    "train": "the last finished epoch is in last.pt (use --resume)",
+    "experiment": "finished runs are kept; the same command continues the suite",
+    "convert": "no .beton was replaced and the partial files were removed; run it again",
+}
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """Warnings as one line (``warning: ...``), without the source line argparse users never wrote."""
+    return f"warning: {message}\n"
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from lives in :mod:`cycdata.train.builders`, its checkpoints in :mod:`cycdata.tr
 
 **Numeric failure is a clear stop.** The first non-finite loss (or a non-finite weight or buffer after
 the epoch's last step) raises :class:`TrainingDiverged`: one line with the epoch, the step, the knobs'
-values at that step and what to try. It is a :class:`~cycdata.config.ConfigError` (the knobs' values
+values at that step and what to try. It is a :class:`~cycdata.config.RunStopped` (the knobs' values
 caused it), so ``cycdata train`` exits with status 2. The check costs no host sync per step: the first
 bad step is kept on the device and read at the epoch's end, before evaluation and before anything is
 saved, so the checkpoints of the epochs before stay as they were. ``--resume`` continues from the last
@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from cycdata.augment_ladder.ladder import Ladder
-from cycdata.config import ConfigError, RunConfig, dump_config, validate_config
+from cycdata.config import RunConfig, RunStopped, dump_config, validate_config
 from cycdata.loaders.datasets import load_dataset
 from cycdata.loaders.torch_loader import BatchLoader, CyclicalLoader
 from cycdata.plan import Plan
@@ -60,6 +60,7 @@ from cycdata.train.builders import (
     build_run_teacher,
     build_test_loader,
     build_train_loader,
+    collective_timeout,
     limit_train,
     resolve_ladder,
     setup_runtime,
@@ -107,7 +108,7 @@ def check_supported(config: RunConfig) -> None:
 _NO_STEP = 2**62  # "no bad step yet" for the device-side minimum over steps (and ranks)
 
 
-class TrainingDiverged(ConfigError):
+class TrainingDiverged(RunStopped):
     """The loss or the weights became NaN or infinite: the run stops with one line (``cycdata train``: exit 2)."""
 
     def __init__(self, what: str, epoch: int, epochs: int, step: int, steps: int,
@@ -360,6 +361,11 @@ def train(
                      data_state=train_loader.state_dict())
             if runtime.is_main:
                 print(summary_line(row, config.epochs), flush=True)
+    except RuntimeError as error:
+        stopped = collective_timeout(error, runtime)  # another rank stopped: one line naming this rank
+        if stopped is None:
+            raise
+        raise stopped from None
     finally:
         logger.close()
     return row
