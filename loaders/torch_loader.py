@@ -67,6 +67,12 @@ class IndexedDataset(Dataset):
         return image, label, index
 
 
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.ndim}-d {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
 def is_resident_dataset(dataset: object) -> bool:
     """Whether ``dataset`` is cycdata's own in-memory tensor dataset, safe to gather by index.
 
@@ -467,6 +473,7 @@ class CyclicalLoader:
         self._requested: int | None = None
         self._begun = False
         self._in_epoch = False
+        self._pass = 0  # numbers the passes: a pass finalised late (garbage-collected) leaves a newer one alone
         self._consumed = 0
         self._resume_consumed = 0
         self._tickets = itertools.count()
@@ -591,6 +598,8 @@ class CyclicalLoader:
 
     def __iter__(self) -> Iterator[Any]:
         self._begin_epoch()
+        self._pass += 1
+        this_pass = self._pass
         try:
             if self._loader is not None:
                 for collated, indices, ticket in self._loader:
@@ -604,7 +613,13 @@ class CyclicalLoader:
                     self._consumed += 1
                     yield batch
         finally:  # complete, or abandoned (the loop broke): the next pass begins the next epoch
-            self._in_epoch = False
+            if self._pass == this_pass:
+                self._in_epoch = False
+
+    def _mid_epoch(self) -> bool:
+        """A pass is running and has batches left. A framework that stops at ``len()`` (Lightning, a transformers
+        Trainer) never asks for the end of the iterator: once every planned batch was yielded the epoch is done."""
+        return self._in_epoch and self._consumed < self.batch_sampler.num_batches(self.epoch)
 
     def _gather(self) -> Iterator[tuple[PlannedBatch, list[Tensor]]]:
         """Device-resident and ffcv data: batches of tensors (what default_collate would build); a ladder
@@ -651,11 +666,18 @@ class CyclicalLoader:
 
     # --- losses ---------------------------------------------------------------------------------
 
-    def record_loss(self, losses: Tensor) -> None:
-        """Record per-sample losses of the batch most recently yielded (its labeled part in SSL mode).
+    def record_loss(self, losses: Tensor, indices: Tensor | None = None) -> None:
+        """Record per-sample losses of the batch most recently yielded (its labeled part in SSL mode), or of
+        the samples ``indices`` names.
 
+        Pass ``indices`` (the ``batch_indices`` read when that batch was yielded) whenever the batch being
+        trained may not be the one most recently yielded: a framework that fetches ahead (a transformers
+        Trainer takes a whole gradient-accumulation window first), a prefetching wrapper.
         No host synchronisation: the losses stay on their device until the next epoch is planned.
         """
+        if indices is not None:
+            self._record_at(losses, indices)
+            return
         batch = self._batch
         # The usual call, one loss per sample of the batch just yielded, checked with attribute reads only
         # (this runs every step); anything else takes the checks below.
@@ -684,6 +706,15 @@ class CyclicalLoader:
         # The loader's index tensors are its own and never modified: no defensive copy.
         self.ledger.record(self.batch_indices[:count], losses, copy_indices=False)
         self._recorded = self._batch
+
+    def _record_at(self, losses: Tensor, indices: Tensor) -> None:
+        if not isinstance(indices, Tensor) or indices.ndim != 1 or indices.dtype != torch.long:
+            raise ValueError("record_loss(indices=) takes the batch's 1-d int64 index tensor (loader.batch_indices "
+                             f"read when the batch was yielded); got {_describe(indices)}")
+        if not isinstance(losses, Tensor) or losses.shape != indices.shape:
+            raise ValueError(f"record_loss got {_describe(losses)} for {len(indices)} indices; pass one loss per "
+                             "index (reduction='none')")
+        self.ledger.record(indices.cpu(), losses, copy_indices=True)  # the ledger checks the range when it applies
 
     @property
     def batch_weights(self) -> Tensor | None:
@@ -726,7 +757,7 @@ class CyclicalLoader:
         Between epochs the ledger's pending records are applied first (a collective under
         torch.distributed), so every rank saves the same ledger.
         """
-        mid_epoch = self._in_epoch
+        mid_epoch = self._mid_epoch()
         if not mid_epoch:
             self.ledger.synchronize()
         state: dict[str, Any] = {"version": 2, "seed": self.seed if self._uses_seed else self._seed,

@@ -398,3 +398,58 @@ def test_the_examples_mnist_loop_with_shuffling_trains_as_well_after_the_swap() 
     original = _examples_run(lambda data: (DataLoader(data, batch_size=64, shuffle=True), False))[1]
     swapped = _examples_run(lambda data: (CyclicalLoader(data, epochs=2, batch_size=64, shuffle=True), True))[1]
     assert abs(original - swapped) <= 0.06 and min(original, swapped) > 0.8
+
+
+# --------------------------------------------------------------------------------------------
+# Frameworks that stop at len(), fetch ahead, or finalise a pass late
+# --------------------------------------------------------------------------------------------
+
+
+def _loader_for_frameworks() -> CyclicalLoader:
+    return CyclicalLoader(Indexed(), epochs=3, batch_size={"easy": 40, "hard": 20}, keep={"easy": 0.5, "hard": 1.0},
+                          refresh_fraction=0.0, shuffle=True, seed=0)
+
+
+def test_a_pass_that_stops_at_len_is_a_finished_epoch() -> None:
+    """Lightning and transformers take len(loader) batches and never ask for the iterator's end."""
+    loader = _loader_for_frameworks()
+    batches = iter(loader)
+    for _ in range(len(loader)):
+        features, _labels = next(batches)
+        loader.record_loss(loss_of(features))
+    state = loader.state_dict()  # a checkpoint at the epoch's end, the generator still open
+    assert (state["epoch"], state["consumed"]) == (1, 0) and "plan" not in state
+    resumed = _loader_for_frameworks()
+    resumed.load_state_dict(state)
+    continued = [set(indices.tolist()) for _, indices in loader]
+    assert [set(indices.tolist()) for _, indices in resumed] == continued and len(continued) == loader.num_batches(1)
+    assert loader.epoch == 1
+
+
+def test_a_pass_finalised_late_leaves_the_running_one_alone() -> None:
+    loader = _loader_for_frameworks()
+    abandoned = iter(loader)
+    next(abandoned)  # a framework's probe, or a loop that broke: still open
+    running = iter(loader)
+    next(running)
+    abandoned.close()  # garbage-collected only now
+    state = loader.state_dict()
+    assert (state["epoch"], state["consumed"]) == (1, 1) and "plan" in state
+
+
+def test_losses_recorded_against_the_batches_own_indices_under_a_fetch_ahead_window() -> None:
+    """transformers fetches a whole gradient-accumulation window before the first forward."""
+    loader = _loader_for_frameworks()
+    fetched = iter(loader)
+    for _ in range(len(loader) // 2):
+        window = [(next(fetched), loader.batch_indices) for _ in range(2)]
+        for (features, labels), indices in window:
+            assert torch.equal(labels, indices)
+            loader.record_loss(loss_of(features), indices=indices)
+    loader.ledger.synchronize()
+    assert torch.allclose(loader.ledger.losses[loader.ledger.seen], loss_of(torch.arange(N).float()[:, None].repeat(
+        1, 2))[loader.ledger.seen])
+    with pytest.raises(ValueError, match="1-d int64 index tensor"):
+        loader.record_loss(torch.zeros(2), indices=[0, 1])
+    with pytest.raises(ValueError, match="for 2 indices"):
+        loader.record_loss(torch.zeros(3), indices=torch.tensor([0, 1]))
