@@ -67,8 +67,12 @@ _CHECKSUM_KEY = "checksum"
 
 # What a version-1 checkpoint needs beyond weights_only's defaults: numpy arrays rebuild from a dtype and a
 # byte string; no other code can be reached through them (their items pass the same restricted unpickler).
-_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, np.arange(1).__reduce__()[0],
-                        *(type(np.dtype(kind)) for kind in "?bBhHiIlLqQefd")]  # numeric dtypes' classes
+_RECONSTRUCT = np.arange(1).__reduce__()[0]
+_NUMPY_ARRAY_GLOBALS: list[Any] = [
+    np.ndarray, np.dtype, _RECONSTRUCT,
+    (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),  # its name in files numpy 1.x wrote
+    *(type(np.dtype(kind)) for kind in "?bBhHiIlLqQefd"),  # the numeric dtypes' classes
+]
 
 # The temporary names save_checkpoint gives run checkpoints (tempfile.mkstemp: 8 random name characters).
 _TEMPORARY_NAME = re.compile(r"\.(last|best)\.pt\.[A-Za-z0-9_]{8}\.tmp")
