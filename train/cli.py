@@ -115,7 +115,7 @@ def _command_train(args: argparse.Namespace) -> int:
         if config_path or overrides or args.out or args.init:
             raise ConfigError(
                 "arguments",
-                "--resume DIR continues the run with its saved DIR/config.yaml; "
+                "--resume DIR continues the run with the config stored in DIR/last.pt; "
                 "give no CONFIG, KEY=VALUE, --out or --init with it",
             )
         check_output("--resume", args.resume)
