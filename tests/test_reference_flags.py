@@ -98,3 +98,23 @@ def test_flags_it_cannot_map_get_one_line_with_the_fix(flags: dict, message: str
     with pytest.raises(ConfigError, match=message) as caught:
         config_from_reference(flags)
     assert "\n" not in str(caught.value)
+
+
+def test_readme_timm_snippet_runs_and_prints_the_reference_values() -> None:
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text[text.index("### timm's train.py"):], re.S).group(1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, "README.md", "exec"), {})
+    rows = [line.split() for line in out.getvalue().splitlines()]
+    assert [int(row[0]) for row in rows] == [0, 4, 9]
+    for epoch, wd, temperature, clip in rows:
+        e = int(epoch)
+        assert float(wd) == pytest.approx(reference_value(e, 10, 2, 5e-5, 5e-4), rel=1e-5)
+        assert float(temperature) == pytest.approx(reference_value(e, 10, 2, 0.5, 2.0), abs=1e-3)
+        assert float(clip) == pytest.approx(reference_value(e, 10, 2, 0.5, 10.0), abs=1e-3)
