@@ -37,7 +37,7 @@ except ImportError:  # the older distribution name ships the same classes
     except ImportError as error:
         raise ImportError("cycdata.integrations.lightning needs Lightning: pip install cycdata[lightning]") from error
 
-__all__ = ["PER_SAMPLE_LOSS", "CyclicalCallback"]
+__all__ = ["PER_SAMPLE_LOSS", "CyclicalCallback"]  # and PytorchLightningCyclicalCallback, built on first use
 
 #: The key of ``training_step``'s returned dict whose 1-d tensor holds the batch's per-sample losses.
 PER_SAMPLE_LOSS = "per_sample_loss"
@@ -89,7 +89,7 @@ def _per_sample_losses(outputs: Any) -> Tensor | None:
     return None
 
 
-class CyclicalCallback(pl.Callback):
+class _CyclicalCallbackLogic:
     """Makes a Lightning ``Trainer`` run a ``CyclicalLoader``'s plan; add it to ``Trainer(callbacks=[...])``.
 
     Args:
@@ -208,3 +208,23 @@ class CyclicalCallback(pl.Callback):
             self.loader.load_state_dict(state)
         else:
             self._pending_state = state
+
+
+class CyclicalCallback(_CyclicalCallbackLogic, pl.Callback):
+    __doc__ = _CyclicalCallbackLogic.__doc__
+
+
+def __getattr__(name: str) -> Any:
+    """``PytorchLightningCyclicalCallback``: the same callback for a ``pytorch_lightning.Trainer`` (that distribution
+    checks callbacks against its own ``Callback`` class), built on first use."""
+    if name != "PytorchLightningCyclicalCallback":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        import pytorch_lightning
+    except ImportError as error:
+        raise ImportError("PytorchLightningCyclicalCallback needs pytorch_lightning: pip install cycdata[lightning]"
+                          ) from error
+    cls = type("PytorchLightningCyclicalCallback", (_CyclicalCallbackLogic, pytorch_lightning.Callback),
+               {"__doc__": _CyclicalCallbackLogic.__doc__, "__module__": __name__})
+    globals()[name] = cls  # built once
+    return cls

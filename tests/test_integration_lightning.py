@@ -201,3 +201,27 @@ def test_readme_lightning_section_runs_as_written() -> None:
     # The snippet promises: each epoch ran the plan's batch count, and the ledger covers the data.
     assert namespace["batches"] == [namespace["loader"].num_batches(epoch) for epoch in range(3)]
     assert namespace["loader"].ledger.num_seen() == len(namespace["loader"].dataset)
+
+
+def test_the_pytorch_lightning_distribution_gets_the_same_callback() -> None:
+    legacy = pytest.importorskip("pytorch_lightning")
+    from cycdata.integrations.lightning import PytorchLightningCyclicalCallback
+
+    loader = run.make_loader()
+    module = run.index_loss_module(loader)
+
+    class Legacy(legacy.LightningModule):  # the same steps, on pytorch_lightning's base class
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = module.layer
+
+        train_dataloader = module.train_dataloader
+        training_step = module.training_step
+        configure_optimizers = module.configure_optimizers
+
+    legacy.Trainer(accelerator="cpu", max_epochs=2, callbacks=[PytorchLightningCyclicalCallback(loader=loader)],
+                   enable_progress_bar=False, logger=False, enable_checkpointing=False,
+                   enable_model_summary=False).fit(Legacy())
+    # (the borrowed training_step reads the unattached module's current_epoch: compare the batch sequence)
+    assert [len(batch["indices"]) for batch in module.seen] == [100, 100] + [20] * 20
+    assert [loader.num_batches(epoch) for epoch in range(2)] == [2, 20]
