@@ -21,6 +21,7 @@ where cycdata's clock takes the continuous V. The flags map as:
 ``--epochs`` (+ ``--cooldown-epochs``) ``epochs``: what timm trains, the span of the reference's WD/clip cycle
 ``--focal_loss asym-cyclical``         ``loss: {name: cyclical_focal, gamma_pos, gamma_neg, gamma_hc: --gamma0}``
 ``--smoothing``                        ``loss.label_smoothing``
+``-b/--batch-size``                    ``data.batch_size`` (constant, as in timm; augmentation constant at 1)
 =====================================  ============================================================
 
 Not copied: the reference's ``if wd_min > 0 … elif clip_min > 0`` turns cyclical clipping off whenever
@@ -47,7 +48,7 @@ REFERENCE_FLAGS: dict[str, Any] = {
 }
 # timm's flags that the cyclical ones interact with, and timm's defaults for them.
 TIMM_FLAGS: dict[str, Any] = {"epochs": None, "cooldown_epochs": 0, "weight_decay": 2e-5, "clip_grad": None,
-                              "clip_mode": "norm", "smoothing": None}
+                              "clip_mode": "norm", "smoothing": None, "batch_size": 128}
 
 
 def _flag_name(key: str) -> str:
@@ -111,8 +112,11 @@ def reference_overrides(args: argparse.Namespace | Mapping[str, Any]) -> dict[st
         {'easy': 0.5, 'hard': 2.0}
     """
     flags = _flags(args)
+    # The reference cycles only what its flags name: batch size and augmentation stay constant (timm's -b, and
+    # timm's augmentation applied at its full strength on every batch), not cycdata's default cycles of both.
     raw: dict[str, Any] = {"epochs": _epochs(flags), "cyclical_factor": flags["cyclical_factor"],
-                           "schedule_unit": "epoch", "normalization": "reference"}
+                           "schedule_unit": "epoch", "normalization": "reference",
+                           "data": {"batch_size": flags["batch_size"]}, "augment": {"strength": 1.0}}
     if flags["wd_min"] > 0:
         raw["optim"] = {"weight_decay": _knob(flags["wd_min"], flags["wd_max"])}
     else:

@@ -118,3 +118,13 @@ def test_readme_timm_snippet_runs_and_prints_the_reference_values() -> None:
         assert float(wd) == pytest.approx(reference_value(e, 10, 2, 5e-5, 5e-4), rel=1e-5)
         assert float(temperature) == pytest.approx(reference_value(e, 10, 2, 0.5, 2.0), abs=1e-3)
         assert float(clip) == pytest.approx(reference_value(e, 10, 2, 0.5, 10.0), abs=1e-3)
+
+
+def test_what_the_reference_does_not_cycle_stays_constant() -> None:
+    """cycdata's default recipe cycles the batch size and the augmentation strength; the reference cycles neither."""
+    from cycdata.integrations.reference import config_from_reference
+    from cycdata.plan import Plan
+
+    plan = Plan.from_config(config_from_reference({"epochs": 10, "wd_min": 5e-5, "wd_max": 5e-4, "batch-size": 96}))
+    assert {plan.at(epoch)["data.batch_size"] for epoch in range(10)} == {96}
+    assert {plan.at(epoch)["augment.strength"] for epoch in range(10)} == {1.0}
