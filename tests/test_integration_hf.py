@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -235,3 +237,10 @@ def test_the_readme_snippet_runs(tmp_path, monkeypatch):
     # What its comment promises: 2/20/2 batches at accumulation 2 are 1 + 10 + 1 optimizer steps; all 400 seen.
     assert trainer.state.global_step == trainer.state.max_steps == 12
     assert loader.ledger.num_seen() == 400
+
+
+def test_without_transformers_the_import_names_the_extra():
+    script = ("import sys; sys.modules['transformers'] = None\n"
+              "try:\n    import cycdata.integrations.hf\nexcept ImportError as error:\n    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "cycdata.integrations.hf needs transformers: pip install cycdata[hf]"
