@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cycdata.augment_ladder.ladder import LadderError
 from cycdata.config import ConfigError, RunConfig, RunStopped, apply_overrides, load_config
@@ -32,8 +33,22 @@ __all__ = ["main"]
 EXIT_USAGE = 2
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"cycdata {version('cycdata')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "cycdata (not installed)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line (no usage dump) with status 2."""
+    """argparse that reports a usage error in one line (no usage dump) with status 2; every command and
+    subcommand takes ``--version``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=_version())
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
@@ -304,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(handler=_command_convert)
 
     experiment = commands.add_parser(
-        "experiment", help="run a suite of configs x seeds (resumable) and summarise mean ± std and 95% intervals")
+        "experiment", help="run a suite of configs x seeds (resumable) and summarise mean ± std and 95%% intervals")
     experiment.add_argument("suite", metavar="SUITE", help=f"a built-in suite ({', '.join(SUITES)}) or a suite "
                             ".yaml file")
     experiment.add_argument("--seeds", type=int, help="seeds per variant (default: the suite's)")
