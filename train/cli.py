@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -143,7 +144,8 @@ def _command_train(args: argparse.Namespace) -> int:
     _check_new_run_folder(out)
     check_output("--out", out)
     train(config, out)
-    print(f"run folder: {out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once
+        print(f"run folder: {out}")
     return 0
 
 

@@ -329,7 +329,8 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(config))
     logger = RunLogger(out, run.history, enabled=runtime.is_main)
-    show_progress = config.runtime.progress and runtime.is_main
+    # A bar only on a terminal: in a file (nohup, CI, a cluster job) every frame would be a line of its own.
+    show_progress = config.runtime.progress and runtime.is_main and sys.stdout.isatty()
     last_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
     row: dict[str, Any] = run.history[-1] if run.history else {}
     try:
