@@ -177,7 +177,16 @@ def optional(parser: Parser) -> Parser:
     """``null`` means off; anything else goes to ``parser``."""
 
     def parse(key: str, raw: Any, ctx: Mapping[str, Any]) -> Any:
-        return None if raw is None else parser(key, raw, ctx)
+        if raw is None:
+            return None
+        try:
+            return parser(key, raw, ctx)
+        except ConfigError as error:
+            if "must be > 0" not in str(error):
+                raise
+            # The reference code turns a feature off with 0 (--T_min 0); here that is null.
+            message = str(error).removeprefix(f"{error.key}: ")
+            raise ConfigError(error.key, f"{message}; to turn {key} off, set {key}: null") from None
 
     return parse
 
@@ -505,6 +514,69 @@ def _parse_section(cls: type, raw: Any, prefix: str, ctx: Mapping[str, Any], giv
     return cls(**values)
 
 
+def _ends_of(value: Any) -> dict[str, Any]:
+    """The easy and hard ends a knob's raw value or default holds (a number holds both)."""
+    value = getattr(value, "threshold", value)  # grad_clip's default is a GradClipConfig
+    if isinstance(value, Cyclical):
+        return {"easy": value.easy, "hard": value.hard}
+    if isinstance(value, Constant):
+        return {"easy": value.value, "hard": value.value}
+    if isinstance(value, Mapping):
+        return {end: value[end] for end in ("easy", "hard") if end in value}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"easy": value, "hard": value}
+    return {}
+
+
+def _default_of(dotted: str) -> Any:
+    """The default recipe's value at a dotted key, or None where there is none."""
+    cls: Any = RunConfig
+    value: Any = None
+    for name in dotted.split("."):
+        found = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if name not in found:
+            return None
+        spec = found[name]
+        if "section" in spec.metadata:
+            cls = spec.metadata["section"]
+            value = cls
+        else:
+            cls, value = None, spec.default
+    return value
+
+
+def _fill_one_end(raw: Mapping[str, Any], merged: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """An override of one end alone (``temperature.easy=0.3``) keeps the other end: the config file's, else
+    the default recipe's.
+
+    Example:
+        >>> _fill_one_end({}, {"temperature": {"easy": 0.3}}, ["temperature.easy=0.3"])
+        {'temperature': {'easy': 0.3, 'hard': 2.0}}
+    """
+    for item in overrides:
+        dotted = item.partition("=")[0].strip()
+        parent, _, end = dotted.rpartition(".")
+        if end not in ("easy", "hard") or not parent:
+            continue
+        *path, name = parent.split(".")
+        node: Any = merged
+        file_node: Any = raw
+        for part in path:
+            node = node.get(part) if isinstance(node, Mapping) else None
+            file_node = file_node.get(part) if isinstance(file_node, Mapping) else None
+        knob_value = node.get(name) if isinstance(node, Mapping) else None
+        if not isinstance(knob_value, dict) or "value" in knob_value:
+            continue
+        other = "hard" if end == "easy" else "easy"
+        if other in knob_value:
+            continue
+        given = file_node.get(name) if isinstance(file_node, Mapping) else None
+        source = _ends_of(given) if given is not None else _ends_of(_default_of(parent))
+        if other in source:
+            knob_value[other] = source[other]
+    return merged
+
+
 def _check_consistency(config: RunConfig) -> None:
     """Rules that involve more than one key."""
     if config.cycle.start >= config.cycle.end:
@@ -776,7 +848,8 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     raw = read_yaml(path) if path is not None else {}
     if raw is not None and not isinstance(raw, Mapping):
         raise ConfigError("config", f"the top level of {path} must be a mapping of keys, got {type(raw).__name__}")
-    return parse_config(apply_overrides(raw, overrides))
+    overrides = list(overrides)
+    return parse_config(_fill_one_end(raw or {}, apply_overrides(raw, overrides), overrides))
 
 
 # --------------------------------------------------------------------------------------------

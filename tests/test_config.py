@@ -176,3 +176,32 @@ def test_bad_override_syntax() -> None:
         apply_overrides({}, ["=3"])
     with pytest.raises(ConfigError, match="cannot set a sub-key"):
         apply_overrides({"model": "resnet18"}, ["model.depth=3"])
+
+
+def test_one_end_given_alone_keeps_the_other_from_the_default_recipe() -> None:
+    defaults = load_config(None)
+    config = load_config(None, ["temperature.easy=0.3", "data.batch_size.hard=64", "grad_clip.hard=5"])
+    assert config.temperature == Cyclical(0.3, defaults.temperature.hard, factor=defaults.temperature.factor)
+    assert config.data.batch_size == Cyclical(defaults.data.batch_size.value, 64, factor=2.0)
+    assert config.grad_clip is not None and config.grad_clip.threshold.hard == 5
+    assert config.grad_clip.threshold.easy == defaults.grad_clip.threshold.easy
+
+
+def test_one_end_overridden_keeps_the_config_files_other_end(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("temperature: 1.5\ngrad_clip: {easy: 0.25, hard: 8, mode: value}\n")
+    config = load_config(path, ["temperature.easy=0.3", "grad_clip.easy=0.5"])
+    assert (config.temperature.easy, config.temperature.hard) == (0.3, 1.5)
+    assert config.grad_clip is not None and config.grad_clip.mode == "value"
+    assert (config.grad_clip.threshold.easy, config.grad_clip.threshold.hard) == (0.5, 8)
+    # In a file, a knob is written whole: one end alone is still refused there.
+    path.write_text("temperature: {hard: 2.0}\n")
+    with pytest.raises(ConfigError, match="missing easy"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override", ["temperature.easy=0", "grad_clip=0", "temperature=0"])
+def test_a_zero_that_means_off_in_the_reference_names_null(override: str) -> None:
+    knob = override.split(".")[0].split("=")[0]
+    with pytest.raises(ConfigError, match=f"to turn {knob} off, set {knob}: null"):
+        load_config(None, [override])
