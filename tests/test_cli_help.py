@@ -40,3 +40,8 @@ def test_a_run_logged_to_a_file_has_one_line_per_epoch(tmp_path) -> None:
     assert "\r" not in text
     assert [line.split()[1] for line in text.splitlines() if line.startswith("epoch ")] == ["1/2", "2/2"]
     assert text.count("run folder:") == 1
+
+
+def test_a_key_and_its_value_given_apart_get_the_override_named(capsys) -> None:
+    assert main(["plan", "epochs", "10"]) == 2
+    assert "did you mean epochs=10?" in capsys.readouterr().err

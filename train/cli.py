@@ -65,8 +65,10 @@ def _split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[
         elif config is None:
             config = item
         else:
+            # `plan epochs 10`: a key and its value given apart, not two config files.
+            hint = f" (did you mean {config}={item}?)" if not Path(config).exists() else ""
             raise ConfigError(
-                "arguments", f"got a second config file {item!r}; give one CONFIG and KEY=VALUE overrides"
+                "arguments", f"got a second config file {item!r}; give one CONFIG and KEY=VALUE overrides{hint}"
             )
     return config, overrides
 
