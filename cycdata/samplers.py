@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DATA_KNOBS", "CyclicalBatchSampler", "DataKnobs", "EpochPlan", "IndexStream", "PlannedBatch",
            "SemiSupervisedBatchSampler", "ShuffledBatchSampler", "batch_count", "check_data_knob", "check_rank",
-           "data_knobs", "data_plan", "epoch_generator", "kept_count", "labeled_pools", "split_batches"]
+           "data_knobs", "data_plan", "epoch_generator", "integer_vector", "kept_count", "labeled_pools",
+           "split_batches"]
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
@@ -573,6 +574,22 @@ class IndexStream:
         self._share = self._pass_share(self.passes)
 
 
+def integer_vector(values: Any) -> torch.Tensor | None:
+    """``values`` as a 1-d integer tensor (indices, class labels), or None when it is not one.
+
+    Example:
+        >>> integer_vector([3, 1]).tolist(), integer_vector([0.5]), integer_vector(["cat"])
+        ([3, 1], None, None)
+    """
+    try:
+        tensor = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if tensor.ndim != 1 or tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        return None
+    return tensor
+
+
 def labeled_pools(labeled: Any, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The labeled indices as given and every other index (the unlabeled pool), after checking ``labeled``.
 
@@ -584,12 +601,8 @@ def labeled_pools(labeled: Any, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         ...
         ValueError: labeled= holds index 7, outside the dataset's [0, 5); pass dataset indices of labeled samples
     """
-    try:
-        indices = torch.as_tensor(labeled)
-    except (TypeError, ValueError, RuntimeError):
-        indices = None
-    if indices is None or indices.ndim != 1 or indices.is_floating_point() or indices.is_complex() \
-            or indices.dtype == torch.bool:
+    indices = integer_vector(labeled)
+    if indices is None:
         raise ValueError(f"labeled= must be a 1-D sequence of integer dataset indices, got {type(labeled).__name__}; "
                          "e.g. torch.arange(250) for the first 250 samples")
     indices = indices.long()

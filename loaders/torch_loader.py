@@ -39,6 +39,7 @@ from cycdata.samplers import (
     PlannedBatch,
     SemiSupervisedBatchSampler,
     data_plan,
+    integer_vector,
     labeled_pools,
 )
 
@@ -289,12 +290,8 @@ def _check_map_style(dataset: Any) -> None:
 
 def _class_labels(labels: Any, size: int) -> Tensor:
     """``labels`` as an int64 tensor of one class per sample, for per-class selection; refused with the fix."""
-    try:
-        tensor = torch.as_tensor(labels)
-    except (TypeError, ValueError, RuntimeError):
-        tensor = None
-    if tensor is None or tensor.ndim != 1 or tensor.is_floating_point() or tensor.is_complex() \
-            or tensor.dtype == torch.bool:
+    tensor = integer_vector(labels)
+    if tensor is None:
         kind = type(labels[0]).__name__ if isinstance(labels, (list, tuple)) and labels else type(labels).__name__
         raise TypeError(f"per_class=True needs integer class labels, one per sample; got {kind} labels. Map class "
                         "names to numbers first, e.g. classes = sorted(set(names)); "
