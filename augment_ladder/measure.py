@@ -604,9 +604,12 @@ def grid_png(ladder: Ladder, dataset: DatasetSplits, path: str | Path, *, column
         # One line per part (ops, random ops, mixing), wrapped to fit the left margin.
         parts = _describe(rung).split(" + ")
         lines = [textwrap.fill(("+ " if index else "") + part, width=30) for index, part in enumerate(parts)]
-        label = "\n".join([f"rung {row}", *lines])
+        # The strength that selects this rung alone (a strength between two rungs mixes them per sample).
+        place = f" (strength {row / (rows - 1):.2g})" if rows > 1 else ""
+        label = "\n".join([f"rung {row}{place}", *lines])
         axes[row][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8, labelpad=6)
-    figure.suptitle(ladder.name)
+    figure.suptitle(f"augmentation ladder '{ladder.name}': one row per rung, weakest (strength 0) at the top; "
+                    f"the same {count} test images in every row", fontsize=10)
     figure.subplots_adjust(left=2.0 / (2.2 + count), right=0.98, top=1 - 0.45 / (0.6 + rows), bottom=0.02,
                            wspace=0.05, hspace=0.08)
     out = Path(path)

@@ -203,36 +203,10 @@ class Plan:
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
-        """Draw one panel per knob over the epochs, with the easy/hard ends marked, to a PNG."""
-        from cycdata.figures import pyplot, save_figure
+        """Draw one titled panel per knob against epochs (the cycle position t on a top axis) to a PNG."""
+        from cycdata.figures import plan_figure, save_figure
 
-        values = self.values()
-        columns = 2 if len(self.knobs) > 1 else 1
-        rows = (len(self.knobs) + columns - 1) // columns
-        figure, axes = pyplot().subplots(rows, columns, figsize=(6 * columns, 2.6 * rows), squeeze=False)
-        # The x axis is the cycle position t, so a windowed run shows where it sits in the whole cycle.
-        progress = self.progress()
-        whole = [i / 200 for i in range(201)]
-        for axis, knob in zip(axes.flat, self.knobs):
-            if knob.timeline == "cycle" and self.clock.windowed:
-                axis.plot(whole, [knob.schedule(t) for t in whole], color="tab:gray", alpha=0.4, linewidth=1,
-                          label="whole cycle")
-                axis.axvspan(self.clock.start, self.clock.end, color="tab:blue", alpha=0.06)
-            axis.plot(progress, values[knob.name], marker="o", markersize=3, color="tab:blue")
-            if knob.ends is not None and knob.ends[0] != knob.ends[1]:
-                axis.axhline(
-                    knob.ends[0], color="tab:green", linestyle="--", linewidth=1, label=f"easy {knob.ends[0]:g}"
-                )
-                axis.axhline(knob.ends[1], color="tab:red", linestyle="--", linewidth=1, label=f"hard {knob.ends[1]:g}")
-                axis.legend(loc="best", fontsize=8)
-            axis.set_title(knob.name + (" (per run)" if knob.timeline == "run" else ""))
-            axis.set_xlabel("cycle position t")
-            axis.grid(alpha=0.3)
-        for axis in list(axes.flat)[len(self.knobs) :]:
-            axis.set_visible(False)
-        window = f", window t = {self.clock.start:g}..{self.clock.end:g}" if self.clock.windowed else ""
-        figure.suptitle(f"cycdata plan: {self.epochs} epochs, unit={self.clock.unit}{window}")
-        return save_figure(figure, path)
+        return save_figure(plan_figure(self), path)
 
 
 def _format(value: float | int) -> str:

@@ -240,6 +240,7 @@ def summarize(suite: Suite, out: str | Path, *, seeds: int | None = None, epochs
     out = Path(out)
     finals: dict[str, dict[int, dict[str, float]]] = {}
     curves: dict[str, list[list[dict[str, float]]]] = {}
+    configs: dict[str, RunConfig] = {}  # each variant's config: knobs.png draws its plan step by step
     for run in suite.runs(seeds, epochs):
         folder = out / run.name
         if not _finished(folder, run.config.epochs):
@@ -247,6 +248,7 @@ def summarize(suite: Suite, out: str | Path, *, seeds: int | None = None, epochs
         rows = _read_metrics(folder)
         finals.setdefault(run.group, {})[run.seed] = rows[run.config.epochs - 1]
         curves.setdefault(run.group, []).append(rows[: run.config.epochs])
+        configs.setdefault(run.group, run.config)
     groups: dict[str, Any] = {}
     for group, by_seed in finals.items():
         entry = {metric: interval([row[metric] for row in by_seed.values()]) for metric in METRICS}
@@ -261,7 +263,7 @@ def summarize(suite: Suite, out: str | Path, *, seeds: int | None = None, epochs
     summary = {"description": suite.description, "groups": groups}
     (out / "results.md").write_text(results_table(summary) + "\n")
     if curves:
-        _plot(curves, out)
+        _plot(curves, out, configs)
     return summary
 
 
@@ -294,39 +296,15 @@ KNOB_COLUMNS = ("optim.weight_decay", "temperature", "grad_clip", "augment.stren
                 "data.batch_size", "semi_supervised.ratio", "optim.lr", "distill.temperature")
 
 
-def _plot(curves: Mapping[str, list[list[dict[str, float]]]], out: Path) -> None:
-    import numpy as np
+def _plot(curves: Mapping[str, list[list[dict[str, float]]]], out: Path,
+          configs: Mapping[str, RunConfig] | None = None) -> None:
+    """``accuracy.png`` and ``knobs.png`` of the summary (the knobs step by step from each variant's plan)."""
+    from cycdata.figures import save_figure
+    from cycdata.plan import Plan
+    from cycdata.train.figures import suite_accuracy_figure, suite_knobs_figure
 
-    from cycdata.figures import pyplot, save_figure
-
-    plt = pyplot()
-    figure, axis = plt.subplots(figsize=(8, 4.5))
-    for group, runs in curves.items():
-        accuracy = np.array([[row["test_accuracy"] for row in rows] for rows in runs]) * 100
-        mean, std = accuracy.mean(axis=0), accuracy.std(axis=0)
-        epochs = np.arange(1, accuracy.shape[1] + 1)
-        axis.plot(epochs, mean, label=group)
-        axis.fill_between(epochs, mean - std, mean + std, alpha=0.15)
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("test accuracy % (mean ± std over seeds)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, ncol=2)
-    save_figure(figure, out / "accuracy.png")
-
-    present = [k for k in KNOB_COLUMNS if any(k in runs[0][0] for runs in curves.values())]
-    if not present:
-        return
-    columns = 2 if len(present) > 1 else 1
-    rows_count = (len(present) + columns - 1) // columns
-    figure, axes = plt.subplots(rows_count, columns, figsize=(6 * columns, 2.4 * rows_count), squeeze=False)
-    for axis, knob in zip(axes.flat, present):
-        for group, runs in curves.items():
-            values = [row.get(knob, math.nan) for row in runs[0]]
-            if not all(math.isnan(v) for v in values):
-                axis.plot(range(1, len(values) + 1), values, marker="o", markersize=2, label=group)
-        axis.set_title(knob)
-        axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(present) :]:
-        axis.set_visible(False)
-    axes.flat[0].legend(fontsize=6)
-    save_figure(figure, out / "knobs.png")
+    save_figure(suite_accuracy_figure(curves), out / "accuracy.png")
+    plans = {group: Plan.from_config(config) for group, config in (configs or {}).items()}
+    figure = suite_knobs_figure(curves, KNOB_COLUMNS, plans)
+    if figure is not None:
+        save_figure(figure, out / "knobs.png")

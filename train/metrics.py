@@ -174,33 +174,23 @@ class RunLogger:
             writer.writerows(self.history)
         temporary.replace(self.folder / "metrics.csv")
 
-    def _plot(self) -> None:
-        from cycdata.figures import pyplot, save_figure
+    #: The run's plan, for the per-step knob lines of knobs.png; when not set, rebuilt once from the folder's
+    #: config.yaml (a folder without one, or with a config this version cannot read, gets per-epoch points).
+    plan: Any = None
 
-        epochs = [row["epoch"] for row in self.history]
-        groups = {
-            "metrics.png": [("train_loss", "test_nll"), ("train_accuracy", "test_accuracy"), ("test_ece",)],
-            "knobs.png": [(name,) for name in self.history[-1] if name.startswith(KNOB_PREFIXES)],
-        }
-        for filename, panels in groups.items():
-            panels = [panel for panel in panels if any(name in self.history[-1] for name in panel)]
-            if not panels:
-                continue
-            figure, axes = pyplot().subplots(len(panels), 1, figsize=(7, 2.3 * len(panels)), squeeze=False)
-            for axis, panel in zip(axes[:, 0], panels):
-                for name in panel:
-                    if name in self.history[-1]:
-                        axis.plot(
-                            epochs,
-                            [row.get(name, math.nan) for row in self.history],
-                            marker="o",
-                            markersize=3,
-                            label=name,
-                        )
-                axis.legend(loc="best", fontsize=8)
-                axis.grid(alpha=0.3)
-            axes[-1, 0].set_xlabel("epoch")
-            save_figure(figure, self.folder / filename, dpi=100)
+    def _plot(self) -> None:
+        from cycdata.figures import save_figure
+        from cycdata.train.figures import knobs_figure, metrics_figure, run_plan
+
+        if self.plan is None:
+            self.plan = run_plan(self.folder) or False  # False: tried, none; do not re-read every epoch
+        plan = self.plan or None
+        knobs = [name for name in self.history[-1] if name.startswith(KNOB_PREFIXES)]
+        epochs = plan.epochs if plan is not None else None
+        for filename, figure in (("metrics.png", metrics_figure(self.history, epochs)),
+                                 ("knobs.png", knobs_figure(self.history, knobs, plan))):
+            if figure is not None:
+                save_figure(figure, self.folder / filename, dpi=100)
 
 
 def summary_line(row: Mapping[str, Any], epochs: int) -> str:

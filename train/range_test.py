@@ -492,26 +492,29 @@ def average_sweeps(sweeps: Sequence[RangeResult], rule: str = "classic") -> Rang
 
 def plot_range(result: RangeResult, path: str | Path) -> Path:
     """Loss (raw and smoothed) and held-out accuracy against the knob, the suggested ends marked."""
-    from cycdata.figures import pyplot, save_figure
+    from cycdata.figures import knob_label, new_figure, save_figure
 
-    figure, axis = pyplot().subplots(figsize=(8, 4.5))
+    title = knob_label(result.knob)[0]
+    figure = new_figure(figsize=(8, 4.5))
+    axis = figure.subplots()
     finite = [(v, loss) for v, loss in zip(result.values, result.losses) if math.isfinite(loss)]
     axis.plot([v for v, _ in finite], [loss for _, loss in finite], color="tab:blue", alpha=0.3, label="loss")
     axis.plot(result.values, result.smoothed, color="tab:blue", label="smoothed loss")
     if KNOB_SPECS[result.knob].scale == "log":
         axis.set_xscale("log")
-    axis.set_xlabel(result.knob)
-    axis.set_ylabel("training loss")
+    scale = ", log scale" if KNOB_SPECS[result.knob].scale == "log" else ""
+    axis.set_xlabel(f"{title} ({result.knob}), swept{scale}")
+    axis.set_ylabel("training loss (nats per sample)")
     cap = min(result.smoothed) * DIVERGENCE if result.smoothed else None
     if cap and math.isfinite(cap):
         axis.set_ylim(top=max(cap, max(result.smoothed[: max(1, len(result.smoothed) // 2)])))
     twin = axis.twinx()
     twin.plot([result.values[i] for i, _ in result.probes], [100 * a for _, a in result.probes], "o-",
-              color="tab:orange", label="held-out accuracy %")
-    twin.set_ylabel("held-out accuracy %")
+              color="tab:orange", label="held-out accuracy (%)")
+    twin.set_ylabel("held-out accuracy (%)")
     axis.axvline(result.easy, color="tab:green", linestyle="--", label=f"easy {_short(result.easy)}")
     axis.axvline(result.hard, color="tab:red", linestyle="--", label=f"hard {_short(result.hard)}")
     lines = axis.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     axis.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="best")
-    axis.set_title(f"range test: {result.knob}")
+    axis.set_title(f"range test: {title}")
     return save_figure(figure, path)
