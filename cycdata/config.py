@@ -332,6 +332,8 @@ class OptimConfig:
     weight_decay: Schedule = key(knob(ge=0), Cyclical(5e-5, 1e-3), "weight decay of decayed param groups (CWD)")
     sched: str = key(choice("cosine", "linear", "constant"), "cosine", "learning-rate schedule over the run")
     warmup_epochs: float = key(number(ge=0), 1.0, "linear LR warmup, in epochs")
+    warmup_lr: float | None = key(optional(number(ge=0)), None,
+                                  "the LR the warmup starts from (timm's --warmup-lr); null: a tenth of the peak")
     min_lr: float = key(number(ge=0), 0.0, "final learning rate of cosine/linear")
 
 
@@ -447,7 +449,10 @@ class RuntimeConfig:
     channels_last: bool = key(boolean, True, "channels_last memory format on GPU")
     compile: bool = key(boolean, False, "torch.compile the model")
     log_every: int = key(number(gt=0, integer=True), 20, "progress-bar loss refresh interval in steps")
-    progress: bool = key(boolean, True, "per-epoch progress bar (the summary line is always printed)")
+    progress: bool = key(boolean, True, "per-epoch progress bar on a terminal (the summary line is always printed)")
+    log_steps: int | None = key(optional(number(gt=0, integer=True)), None,
+                                "also print one line every N training steps (epoch, step, mean loss so far, LR); "
+                                "null: one line per epoch")
 
 
 @dataclass(frozen=True)
@@ -596,9 +601,6 @@ def _check_consistency(config: RunConfig) -> None:
         raise ConfigError("distill.teacher", "is required: a checkpoint file or run folder, or MODEL:WEIGHTS")
     _check_lr_run(config)
     sp = config.self_paced
-    if sp is not None and config.semi_supervised is not None:
-        # Checked here, not only by the trainer, so `cycdata plan` refuses what `cycdata train` would.
-        raise ConfigError("self_paced", "self-paced selection and semi_supervised cannot be combined; set one to null")
     if sp is not None and (sp.keep is None) == (sp.threshold is None):
         raise ConfigError(
             "self_paced",
@@ -613,6 +615,14 @@ def _check_lr_run(config: RunConfig) -> None:
     if optim.warmup_epochs >= config.epochs:
         raise ConfigError("optim.warmup_epochs", f"got {optim.warmup_epochs:g}, must be below epochs "
                           f"({config.epochs}): the warmup would fill the whole run; e.g. optim.warmup_epochs=1")
+    if optim.warmup_lr is not None:
+        if optim.warmup_epochs == 0:
+            raise ConfigError("optim.warmup_lr", f"got {optim.warmup_lr:g} with optim.warmup_epochs=0: there is no "
+                              "warmup to start; set optim.warmup_epochs (e.g. 1) or optim.warmup_lr=null")
+        peak = max(knob_range(optim.lr) or (float(optim.lr(0.0)),) * 2)
+        if optim.warmup_lr > peak:
+            raise ConfigError("optim.warmup_lr", f"got {optim.warmup_lr:g}, above the LR it warms up to "
+                              f"({peak:g}); give a smaller start, e.g. optim.warmup_lr={peak / 10:g}")
     decays = isinstance(optim.lr, Constant) and optim.sched != "constant"
     if decays and optim.min_lr > optim.lr.value:
         raise ConfigError("optim.min_lr", f"got {optim.min_lr:g}, above optim.lr ({optim.lr.value:g}): the LR would "
@@ -667,9 +677,27 @@ def parse_config(raw: Mapping[str, Any] | None) -> RunConfig:
     ctx = {"cyclical_factor": number(ge=1)("cyclical_factor", factor, {})}
     given: set[str] = set()
     config = _parse_section(RunConfig, raw, "", ctx, given)
+    config = _with_shared_factor(config, ctx["cyclical_factor"], given, "")
     config = dataclasses.replace(config, given_keys=frozenset(given))
     _check_consistency(config)
     return config
+
+
+def _with_shared_factor(section: Any, factor: float, given: set[str], prefix: str) -> Any:
+    """Defaulted cyclical knobs follow the run's ``cyclical_factor``, as the knobs a config writes do.
+
+    Example:
+        >>> parse_config({"cyclical_factor": 1}).temperature.factor
+        1.0
+    """
+    changes = {}
+    for spec in dataclasses.fields(section):
+        value, dotted = getattr(section, spec.name), f"{prefix}{spec.name}"
+        if isinstance(value, Cyclical) and dotted not in given and value.factor != factor:
+            changes[spec.name] = dataclasses.replace(value, factor=factor)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes[spec.name] = _with_shared_factor(value, factor, given, dotted + ".")
+    return dataclasses.replace(section, **changes) if changes else section
 
 
 def apply_settings(raw: Mapping[str, Any] | None, settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,9 +21,9 @@ from cycdata.clock import Clock
 from cycdata.config import RunConfig, knob_range, with_epochs
 from cycdata.schedules import Constant, Cosine, Cyclical, Linear, Schedule, Warmup
 
-__all__ = ["Knob", "Plan", "lr_schedule"]
+__all__ = ["Knob", "Plan", "ShortCycleWarning", "lr_schedule", "short_cycle_message", "warn_if_short_cycle"]
 
-#: The LR warmup starts at this fraction of the peak LR.
+#: The LR warmup starts at this fraction of the peak LR (unless ``optim.warmup_lr`` says where).
 WARMUP_START_FRACTION = 0.1
 
 
@@ -44,7 +44,8 @@ class Knob:
     timeline: Literal["cycle", "run"] = "cycle"
     integer: bool = False
     ends: tuple[float, float] | None = None
-    warmup_until: float = 0.0  # run fraction over which a cycle knob ramps up from a tenth (a cyclical LR)
+    warmup_until: float = 0.0  # run fraction over which a cycle knob ramps up (a cyclical LR)
+    warmup_start: float | None = None  # the value the ramp starts from; None: a tenth of the knob's value
 
     def value(self, clock: Clock, epoch: int, fraction: float = 0.0) -> float | int:
         if self.timeline == "run":
@@ -55,7 +56,8 @@ class Knob:
         if self.warmup_until > 0:
             done = clock.run_fraction(epoch, fraction) / self.warmup_until
             if done < 1.0:
-                value *= WARMUP_START_FRACTION + (1.0 - WARMUP_START_FRACTION) * done
+                start = WARMUP_START_FRACTION * value if self.warmup_start is None else self.warmup_start
+                value = start + (value - start) * done
         return round(value) if self.integer else value
 
 
@@ -69,6 +71,9 @@ def lr_schedule(config: RunConfig) -> Schedule:
         >>> lr = lr_schedule(parse_config({"epochs": 10, "optim": {"lr": 0.1, "warmup_epochs": 0}}))
         >>> lr(0.0), round(lr(0.5), 6), lr(1.0)
         (0.1, 0.05, 0.0)
+        >>> warm = lr_schedule(parse_config({"epochs": 10, "optim": {"lr": 0.1, "warmup_lr": 1e-5}}))
+        >>> warm(0.0), round(warm(0.05), 6), round(warm(0.1), 6)  # from 1e-5 up to the cosine at epoch 1
+        (1e-05, 0.048781, 0.097553)
     """
     optim = config.optim
     peak = float(optim.lr(0.0))
@@ -80,7 +85,8 @@ def lr_schedule(config: RunConfig) -> Schedule:
     else:
         base = Constant(peak)
     until = optim.warmup_epochs / config.epochs
-    return Warmup(base, until=until, start_value=WARMUP_START_FRACTION * peak) if until > 0 else base
+    start = WARMUP_START_FRACTION * peak if optim.warmup_lr is None else optim.warmup_lr
+    return Warmup(base, until=until, start_value=start) if until > 0 else base
 
 
 def lr_knob(config: RunConfig) -> Knob:
@@ -89,7 +95,7 @@ def lr_knob(config: RunConfig) -> Knob:
     if isinstance(config.optim.lr, Constant):
         return Knob("optim.lr", lr_schedule(config), timeline="run")
     return Knob("optim.lr", config.optim.lr, ends=knob_range(config.optim.lr),
-                warmup_until=config.optim.warmup_epochs / config.epochs)
+                warmup_until=config.optim.warmup_epochs / config.epochs, warmup_start=config.optim.warmup_lr)
 
 
 @dataclass(frozen=True)
@@ -187,11 +193,12 @@ class Plan:
         return json.dumps({"epochs": self.epochs, "cycle": cycle, "knobs": self.values()})
 
     def table(self) -> str:
-        """A readable per-epoch table of every knob (and the cycle position t of each epoch)."""
+        """A readable per-epoch table of every knob (and the cycle position t of each epoch's start), epochs
+        numbered from 1 as the training console numbers them."""
         values = self.values()
         progress = self.progress()
         headers = ["epoch", "t", *self.names]
-        rows = [[str(epoch), f"{progress[epoch]:.3f}", *(_format(values[name][epoch]) for name in self.names)]
+        rows = [[str(epoch + 1), f"{progress[epoch]:.3f}", *(_format(values[name][epoch]) for name in self.names)]
                 for epoch in range(self.epochs)]
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
         lines = []
@@ -202,11 +209,78 @@ class Plan:
         lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
         return "\n".join(lines)
 
+    def hard_reach(self, knob: Knob) -> float:
+        """How far ``knob`` gets from its easy end toward its hard end over the run: 1.0 reaches the hard end,
+        0.0 never leaves the easy end (at the points where it is evaluated: epoch starts, or steps).
+
+        Example:
+            >>> from cycdata.config import parse_config
+            >>> short = Plan.from_config(parse_config({"epochs": 2, "temperature": {"easy": 0.5, "hard": 2}}))
+            >>> longer = Plan.from_config(parse_config({"epochs": 4, "temperature": {"easy": 0.5, "hard": 2}}))
+            >>> short.hard_reach(short.knob("temperature")), round(longer.hard_reach(longer.knob("temperature")), 4)
+            (0.0, 0.6667)
+        """
+        if knob.ends is None or knob.ends[0] == knob.ends[1] or knob.timeline != "cycle":
+            return 1.0
+        easy, hard = knob.ends
+        # Per-step knobs move inside epochs: a few points per epoch stand for its steps.
+        fractions = (0.0,) if self.clock.unit == "epoch" else tuple(i / 16 for i in range(16))
+        shares = [(knob.schedule(self.clock.progress(epoch, fraction)) - easy) / (hard - easy)
+                  for epoch in range(self.epochs) for fraction in fractions]
+        return max(0.0, min(1.0, max(shares)))
+
+    def short_of_hard(self, least: float = 0.75) -> dict[str, float]:
+        """The cyclical knobs that stay short of ``least`` of the way to their hard end, with their reach."""
+        return {knob.name: reach for knob in self.knobs if (reach := self.hard_reach(knob)) < least}
+
     def plot(self, path: str | Path) -> Path:
         """Draw one titled panel per knob against epochs (the cycle position t on a top axis) to a PNG."""
         from cycdata.figures import plan_figure, save_figure
 
         return save_figure(plan_figure(self), path)
+
+
+class ShortCycleWarning(UserWarning):
+    """The run is too short for its cycle: some cyclical knob never gets near its hard end."""
+
+
+def short_cycle_message(config: RunConfig) -> str | None:
+    """What to say when ``config``'s run stays short of its cycle's hard end (None when it does not).
+
+    With the reference's clock an epoch's knobs are set at its start, ``t = e/(E − 1)``; two epochs at
+    ``cyclical_factor: 2`` are t = 0 and 1, both at the easy end, so the run never trains hard.
+
+    Example:
+        >>> from cycdata.config import parse_config
+        >>> print(short_cycle_message(parse_config({"epochs": 2, "temperature": {"easy": 0.5, "hard": 2}})))
+        ... # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
+        the run is too short for its cycle: over 2 epochs optim.weight_decay, temperature, ... never leave
+        their easy end; epochs=3 reaches the hard end (or schedule_unit=step moves the knobs every step)
+        >>> short_cycle_message(parse_config({"epochs": 3})) is None
+        True
+    """
+    short = Plan.from_config(config).short_of_hard()
+    if not short:
+        return None
+    reach = max(short.values())
+    if len(short) == 1:
+        verb = "never leaves its easy end" if reach == 0 else f"gets at most {reach:.0%} of the way to its hard end"
+    else:
+        verb = "never leave their easy end" if reach == 0 else f"get at most {reach:.0%} of the way to their hard end"
+    enough = next((epochs for epochs in range(config.epochs + 1, config.epochs + 200)
+                   if not Plan.from_config(config, epochs).short_of_hard(least=0.999)), None)
+    fix = f"epochs={enough} reaches the hard end" if enough is not None else "more epochs reach the hard end"
+    step = " (or schedule_unit=step moves the knobs every step)" if config.schedule_unit == "epoch" else ""
+    return f"the run is too short for its cycle: over {config.epochs} epochs {', '.join(short)} {verb}; {fix}{step}"
+
+
+def warn_if_short_cycle(config: RunConfig) -> None:
+    """Warn (:class:`ShortCycleWarning`) when the run is too short to reach its cycle's hard end."""
+    import warnings
+
+    message = short_cycle_message(config)
+    if message is not None:
+        warnings.warn(message, ShortCycleWarning, stacklevel=2)
 
 
 def _format(value: float | int) -> str:

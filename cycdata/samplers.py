@@ -29,10 +29,10 @@ from cycdata.selection import fraction_count, select
 if TYPE_CHECKING:
     from cycdata.plan import Plan
 
-__all__ = ["DATA_KNOBS", "CyclicalBatchSampler", "DataKnobs", "EpochPlan", "IndexStream", "PlannedBatch",
-           "SemiSupervisedBatchSampler", "ShuffledBatchSampler", "batch_count", "check_data_knob", "check_rank",
-           "data_knobs", "data_plan", "epoch_generator", "integer_vector", "kept_count", "labeled_pools",
-           "split_batches"]
+__all__ = ["DATA_KNOBS", "SELF_PACED_KNOBS", "CyclicalBatchSampler", "DataKnobs", "EpochPlan", "IndexStream",
+           "PlannedBatch", "SemiSupervisedBatchSampler", "ShuffledBatchSampler", "batch_count", "check_data_knob",
+           "check_rank", "data_knobs", "data_plan", "epoch_generator", "integer_vector", "kept_count", "labeled_pools",
+           "selects_samples", "self_paced_choice", "split_batches"]
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
@@ -377,6 +377,50 @@ def kept_count(size: int, keep: float, labels: torch.Tensor | None = None) -> in
     return sum(fraction_count(keep, int(count), round_up=True) for count in counts.tolist())
 
 
+SELF_PACED_KNOBS = frozenset({"self_paced.keep", "self_paced.threshold"})
+
+
+def self_paced_choice(ledger: LossLedger, pool: torch.Tensor | None, knobs: DataKnobs, *, weighting: str,
+                      labels: torch.Tensor | None, refresh_fraction: float, generator: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """The epoch's self-paced choice among ``pool`` (dataset indices; None: every sample): the kept dataset
+    indices, dense per-dataset-index weights (None with hard weighting) and the numbers logged for it.
+
+    Example:
+        >>> ledger = LossLedger(6)
+        >>> ledger.record(torch.arange(6), torch.tensor([0.1, 0.9, 0.2, 0.8, 0.3, 0.7]))
+        >>> ledger.synchronize()  # pending records are applied (the loader does this before each epoch's choice)
+        >>> knobs = DataKnobs(batch_size=2, keep=0.5)
+        >>> kept, _, stats = self_paced_choice(ledger, torch.tensor([1, 2, 3, 4]), knobs, weighting="hard",
+        ...                                    labels=None, refresh_fraction=0.0, generator=epoch_generator(0, 0))
+        >>> sorted(kept.tolist()), stats["kept"]
+        ([2, 4], 2)
+    """
+    losses, seen, nonfinite = ledger.losses.cpu(), ledger.seen.cpu(), ledger.nonfinite.cpu()
+    if pool is not None:  # the ledger covers the dataset; selection ranks the pool's samples only
+        losses, seen, nonfinite = losses[pool], seen[pool], nonfinite[pool]
+        labels = None if labels is None else labels[pool]
+    selection = select(losses, seen, keep=knobs.keep, threshold=knobs.threshold, weighting=weighting,
+                       labels=labels, refresh_fraction=refresh_fraction, generator=generator, nonfinite=nonfinite)
+    kept = selection.indices if pool is None else pool[selection.indices]
+    weights = None
+    if weighting != "hard":
+        weights = torch.zeros(ledger.size, dtype=torch.float32)
+        weights[kept] = selection.weights
+    stats = {"kept": len(kept), "threshold": selection.threshold, "unseen": selection.unseen,
+             "refreshed": selection.refreshed}
+    return kept, weights, stats
+
+
+def selects_samples(plan: Plan, select_samples: bool | None) -> bool:
+    """Whether a sampler over ``plan`` selects samples: when the plan has a self-paced knob, unless told not to."""
+    names = set(plan.names)
+    if SELF_PACED_KNOBS <= names:
+        raise ValueError("give at most one of keep (a kept fraction) and threshold (a loss value)")
+    has_knob = bool(names & SELF_PACED_KNOBS)
+    return has_knob if select_samples is None else bool(select_samples and has_knob)
+
+
 class CyclicalBatchSampler:
     """A batch sampler whose batch size and sample selection follow the data knobs of a plan.
 
@@ -415,13 +459,9 @@ class CyclicalBatchSampler:
         if size <= 0:
             raise ValueError(f"need a non-empty dataset, got size={size}")
         check_rank(rank, world_size)
-        names = set(plan.names)
-        if {"self_paced.keep", "self_paced.threshold"} <= names:
-            raise ValueError("give at most one of keep (a kept fraction) and threshold (a loss value)")
         self.size = size
         self.plan = plan
-        has_knob = bool(names & {"self_paced.keep", "self_paced.threshold"})
-        self.selecting = has_knob if select_samples is None else bool(select_samples and has_knob)
+        self.selecting = selects_samples(plan, select_samples)
         self.weighting = weighting
         self.labels = labels
         self.refresh_fraction = refresh_fraction
@@ -440,17 +480,9 @@ class CyclicalBatchSampler:
         if not self.selecting:
             return torch.arange(self.size), None, {"kept": self.size}
         assert self.ledger is not None
-        selection = select(
-            self.ledger.losses.cpu(), self.ledger.seen.cpu(), keep=knobs.keep, threshold=knobs.threshold,
-            weighting=self.weighting, labels=self.labels, refresh_fraction=self.refresh_fraction,
-            generator=epoch_generator(self.seed, epoch, stream=1), nonfinite=self.ledger.nonfinite.cpu())
-        weights = None
-        if self.weighting != "hard":
-            weights = torch.zeros(self.size, dtype=torch.float32)
-            weights[selection.indices] = selection.weights
-        stats = {"kept": len(selection.indices), "threshold": selection.threshold, "unseen": selection.unseen,
-                 "refreshed": selection.refreshed}
-        return selection.indices, weights, stats
+        return self_paced_choice(self.ledger, None, knobs, weighting=self.weighting, labels=self.labels,
+                                 refresh_fraction=self.refresh_fraction,
+                                 generator=epoch_generator(self.seed, epoch, stream=1))
 
     def planned(self, epoch: int) -> bool:
         """Whether ``epoch``'s plan is fixed already."""
@@ -625,6 +657,11 @@ class SemiSupervisedBatchSampler:
     indices (the plan's ``semi_supervised.ratio``). An epoch has as many steps as a supervised epoch
     over all the training data would; each :class:`PlannedBatch` says how many of its indices are labeled.
 
+    With a self-paced knob (``self_paced.keep`` or ``self_paced.threshold``) the labeled part comes from
+    the epoch's kept share of the labeled pool, chosen from the loss ledger as
+    :class:`CyclicalBatchSampler` chooses (lowest losses, unseen samples first, a refresh share); the
+    unlabeled pool is never selected (it has no loss to rank) and the step count does not change.
+
     Example:
         >>> from cycdata.schedules import Cyclical
         >>> plan = data_plan(3, batch_size=10, unlabeled_ratio=Cyclical(0.0, 2.0))
@@ -634,7 +671,9 @@ class SemiSupervisedBatchSampler:
     """
 
     def __init__(self, labeled: torch.Tensor, unlabeled: torch.Tensor, *, plan: Plan, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None) -> None:
+                 rank: int | None = None, world_size: int | None = None, select_samples: bool | None = None,
+                 weighting: str = "hard", labels: torch.Tensor | None = None, ledger: LossLedger | None = None,
+                 refresh_fraction: float = 0.05) -> None:
         if "semi_supervised.ratio" not in plan.names:
             raise ValueError("semi-supervised batches need a semi_supervised.ratio knob (unlabeled_ratio=)")
         check_rank(rank, world_size)
@@ -648,9 +687,13 @@ class SemiSupervisedBatchSampler:
         self.seed = seed
         self.rank_arg, self.world_size_arg = rank, world_size
         self.total = len(labeled) + len(unlabeled)
+        self.selecting = selects_samples(plan, select_samples)
+        self.weighting, self.labels, self.refresh_fraction = weighting, labels, refresh_fraction
+        self.ledger = ledger if ledger is not None or not self.selecting else LossLedger(self.total)
         self._streams: tuple[IndexStream, IndexStream] | None = None
         self._restored: dict[str, Any] | None = None
         self._skip = 0
+        self._plans: dict[int, EpochPlan] = {}
         self.epoch_start_state: dict[str, Any] | None = None
 
     def _make_streams(self) -> tuple[IndexStream, IndexStream]:
@@ -690,9 +733,45 @@ class SemiSupervisedBatchSampler:
         """Labeled samples this rank trains on in ``epoch``."""
         return self.num_batches(epoch) * self.knobs(epoch).batch_size
 
+    def planned(self, epoch: int) -> bool:
+        """Whether ``epoch``'s labeled selection is fixed already (always, without self-paced selection)."""
+        return not self.selecting or epoch in self._plans
+
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        """The labeled samples ``epoch`` draws from (its ``order``, in index order: the stream shuffles), chosen
+        once from the ledger as it stands (apply pending records first), then fixed."""
+        if epoch not in self._plans:
+            knobs = self.knobs(epoch)
+            if self.selecting:
+                assert self.ledger is not None
+                kept, weights, stats = self_paced_choice(
+                    self.ledger, self.labeled_pool, knobs, weighting=self.weighting, labels=self.labels,
+                    refresh_fraction=self.refresh_fraction, generator=epoch_generator(self.seed, epoch, stream=1))
+                kept = kept.sort().values
+            else:
+                kept, weights, stats = self.labeled_pool, None, {"kept": len(self.labeled_pool)}
+            self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}
+            self._plans[epoch] = EpochPlan(epoch=epoch, batch_size=knobs.batch_size, order=kept, weights=weights,
+                                           strength=knobs.strength or 0.0, **stats)
+        return self._plans[epoch]
+
+    def restore_plan(self, plan: EpochPlan) -> None:
+        """Resume inside an epoch whose labeled selection was ``plan``."""
+        self._plans = {plan.epoch: plan}
+
+    def _labeled_stream(self, epoch: int) -> IndexStream:
+        """The run-long labeled stream, or under self-paced selection a stream over this epoch's kept share."""
+        if not self.selecting:
+            return self.labeled
+        rank, world_size = default_rank_and_world(self.rank_arg, self.world_size_arg)
+        # Its own stream number per epoch: the kept share changes every epoch, each gets fresh permutations.
+        return IndexStream(self.epoch_plan(epoch).order, seed=self.seed, stream=1000 + epoch, rank=rank,
+                           world_size=world_size)
+
     def batches(self, epoch: int) -> Iterator[PlannedBatch]:
         """The epoch's batches, labeled part first (after a mid-epoch restore: the ones not yet consumed)."""
-        labeled_stream, unlabeled_stream = self._make_streams()
+        unlabeled_stream = self._make_streams()[1]
+        labeled_stream = self._labeled_stream(epoch)
         knobs, steps = self.knobs(epoch), self.num_batches(epoch)
         per_step = self.plan.clock.unit == "step"
         skip, self._skip = self._skip, 0

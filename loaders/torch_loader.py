@@ -333,7 +333,9 @@ class CyclicalLoader:
         weighting: ``hard`` | ``linear`` | ``log`` | ``mixture``; soft weights are in ``batch_weights``.
         per_class: select ``keep`` within each class (labels from ``labels`` or ``dataset.labels``).
         labeled, unlabeled_ratio: semi-supervised mode: the labeled indices and the unlabeled
-            samples per labeled one (every other index is the unlabeled pool).
+            samples per labeled one (every other index is the unlabeled pool). With ``keep`` or
+            ``threshold`` too, the labeled part of each batch comes from the epoch's self-paced selection
+            of the labeled pool (record the labeled part's losses); the unlabeled pool is never selected.
         factor: shared cyclical factor for mapping knobs.
         schedule_unit, normalization, cycle: the clock (as in the config language).
         plan: a :class:`~cycdata.plan.Plan` instead of the knob arguments (the trainer's way): the
@@ -420,24 +422,22 @@ class CyclicalLoader:
         self.drop_last = drop_last
         size = len(dataset)  # type: ignore[arg-type]
         self.ledger = LossLedger(size, ema=ledger_ema, device=ledger_device)
+        if per_class and labels is None:
+            labels = getattr(dataset, "labels", None)
+            if labels is None:
+                raise ValueError("per_class=True needs labels= (one class label per sample)")
+        selection = {"select_samples": select_samples, "weighting": weighting, "ledger": self.ledger,
+                     "labels": _class_labels(labels, size) if per_class else None,
+                     "refresh_fraction": refresh_fraction}
         if self.semi_supervised:
-            if keep is not None or threshold is not None:
-                raise ValueError("self-paced selection and semi-supervised batches cannot be combined in one loader")
             if "semi_supervised.ratio" not in plan.names:
                 raise ValueError("semi-supervised mode needs unlabeled_ratio= (a number, mapping or schedule)")
             labeled_pool, unlabeled_pool = labeled_pools(labeled, size)
             self.batch_sampler: Any = SemiSupervisedBatchSampler(
-                labeled_pool, unlabeled_pool, plan=plan, rank=rank, world_size=world_size)
+                labeled_pool, unlabeled_pool, plan=plan, rank=rank, world_size=world_size, **selection)
         else:
-            if per_class and labels is None:
-                labels = getattr(dataset, "labels", None)
-                if labels is None:
-                    raise ValueError("per_class=True needs labels= (one class label per sample)")
-            self.batch_sampler = CyclicalBatchSampler(
-                size, plan=plan, select_samples=select_samples, weighting=weighting,
-                labels=_class_labels(labels, size) if per_class else None, ledger=self.ledger,
-                refresh_fraction=refresh_fraction, shuffle=self.shuffle, rank=rank, world_size=world_size,
-                drop_last=drop_last)
+            self.batch_sampler = CyclicalBatchSampler(size, plan=plan, shuffle=self.shuffle, rank=rank,
+                                                      world_size=world_size, drop_last=drop_last, **selection)
         if self._seed is not None:
             self._set_sampler_seed()
         # Only what is random draws a seed: a plain shuffle=False loader leaves torch's RNG as a DataLoader does.
@@ -559,7 +559,7 @@ class CyclicalLoader:
         """Fix ``epoch``'s plan: pending loss records are applied first, so partial epochs count."""
         if self._uses_seed:
             _ = self.seed  # drawn now, from torch's default RNG unless given
-        if self.semi_supervised:
+        if self.semi_supervised and not self.batch_sampler.selecting:
             return None
         if not self.batch_sampler.planned(epoch):
             self.ledger.synchronize()  # a collective under torch.distributed: every rank plans at the same point
@@ -716,10 +716,11 @@ class CyclicalLoader:
     @property
     def batch_weights(self) -> Tensor | None:
         """Self-paced weights of the current batch's samples (None with hard weighting)."""
-        if self.semi_supervised or self._batch is None:
+        if self._batch is None or not self.batch_sampler.selecting:
             return None
         weights = self.batch_sampler.epoch_plan(self._batch.epoch).weights
-        return None if weights is None else weights[self.batch_indices]
+        # Semi-supervised: the labeled part only (the unlabeled samples are never selected).
+        return None if weights is None else weights[self.batch_indices[: self.labeled_count]]
 
     @property
     def knobs(self) -> dict[str, float | int]:
@@ -737,10 +738,8 @@ class CyclicalLoader:
             knobs.update({"semi_supervised.ratio": values.ratio or 0.0,
                           "semi_supervised.coverage": sampler.unlabeled.coverage,
                           "semi_supervised.passes": sampler.unlabeled.passes})
-            return knobs
         plan = self._plan_epoch(epoch)
-        assert plan is not None
-        if self.batch_sampler.selecting:
+        if plan is not None and self.batch_sampler.selecting:
             knobs.update({"self_paced.kept": plan.kept, "self_paced.threshold": plan.threshold,
                           "self_paced.unseen": plan.unseen, "self_paced.refreshed": plan.refreshed,
                           "self_paced.nonfinite": self.ledger.nonfinite_count})
@@ -763,7 +762,7 @@ class CyclicalLoader:
             state.update(epoch=self.epoch, consumed=self._consumed)
             if self.semi_supervised:
                 state["sampler"] = self.batch_sampler.epoch_start_state
-            else:
+            if self.batch_sampler.selecting or not self.semi_supervised:
                 state["plan"] = dataclasses.asdict(self.batch_sampler.epoch_plan(self.epoch))
         else:
             state.update(epoch=self._next_epoch(), consumed=0)
@@ -792,6 +791,8 @@ class CyclicalLoader:
         epoch, consumed = int(state["epoch"]), int(state["consumed"])
         if self.semi_supervised:
             self.batch_sampler.load_state_dict(state["sampler"], skip_batches=consumed)
+            if "plan" in state and self.batch_sampler.selecting:
+                self.batch_sampler.restore_plan(EpochPlan(**state["plan"]))
         elif "plan" in state:
             self.batch_sampler.restore_plan(EpochPlan(**state["plan"]), skip_batches=consumed)
         self.epoch, self._requested, self._begun, self._in_epoch = epoch, epoch, False, False

@@ -97,7 +97,8 @@ def config_cases() -> list[tuple[list[str], list[str]]]:
         (["optim.momentum=1"], ["optim.momentum"]),
         (["optim.momentum=.nan"], ["optim.momentum"]),
         (["optim.weight_decay={easy: .inf, hard: 0.001}"], ["optim.weight_decay.easy", "finite"]),
-        (["self_paced.keep=0.5", "semi_supervised.labeled=10"], ["self_paced", "semi_supervised"]),
+        (["optim.warmup_lr=5"], ["optim.warmup_lr", "above the LR it warms up to"]),
+        (["runtime.log_steps=0"], ["runtime.log_steps", "> 0"]),
         (["self_paced.keep=0"], ["self_paced.keep", "> 0"]),
         (["self_paced.keep=-0.5"], ["self_paced.keep"]),
         (["self_paced.keep=.nan"], ["self_paced.keep", "finite"]),
@@ -150,7 +151,7 @@ def config_cases() -> list[tuple[list[str], list[str]]]:
         (["seed=1e23"], ["seed"]),
         (["optim.min_lr=1"], ["optim.min_lr"]),
         (["epochs=3", "optim.warmup_epochs=4"], ["optim.warmup_epochs"]),
-        (["self_paced.keep=0.5", "semi_supervised.labeled=10"], ["self_paced"]),
+        (["optim.warmup_lr=0.01", "optim.warmup_epochs=0"], ["optim.warmup_lr", "no warmup"]),
         (["augment.ladder=ladder_folder.yaml"], ["augment.ladder"]),
     ]:
         cases.append((["train", *TINY, *argv, "--out", "run"], words))

@@ -102,6 +102,7 @@ def test_plan_example_prints_table_json_and_png(tmp_path: Path) -> None:
         "grad_clip",
         "augment.strength",
         "self_paced.keep",
+        "semi_supervised.ratio",
     ]
     assert len([line for line in lines if line.strip() and line.split()[0].isdigit()]) == 30
     assert png.stat().st_size > 20_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -37,7 +37,7 @@ def test_example_config_parses_with_every_knob() -> None:
     assert config.optim.weight_decay == Cyclical(1e-5, 8e-5, factor=2.0)
     assert config.grad_clip is not None and config.grad_clip.mode == "norm"
     assert config.self_paced is not None and config.self_paced.keep == Cyclical(0.5, 1.0)
-    assert config.semi_supervised is None  # commented out: it does not combine with self-paced selection
+    assert config.semi_supervised is not None and config.semi_supervised.ratio == Cyclical(0.0, 7.0)
     plan = Plan.from_config(config)
     assert set(plan.names) == {
         "data.batch_size",
@@ -47,6 +47,7 @@ def test_example_config_parses_with_every_knob() -> None:
         "grad_clip",
         "augment.strength",
         "self_paced.keep",
+        "semi_supervised.ratio",
     }
 
 

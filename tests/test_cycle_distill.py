@@ -216,8 +216,8 @@ def test_every_plan_knob_is_logged_and_plotted_as_a_knob() -> None:
     from cycdata.train.metrics import KNOB_PREFIXES
 
     common = {"optim": {"momentum": {"easy": 0.85, "hard": 0.95}}, "distill": {"teacher": "runs/teacher"}}
-    # Self-paced selection and semi-supervised training do not combine: one config each.
-    for extra in ({"self_paced": {"keep": {"easy": 0.5, "hard": 1.0}}}, {"semi_supervised": {"labeled": 100}}):
-        names = Plan.from_config(parse_config({**common, **extra})).names
-        assert {"distill.temperature", "distill.weight", "optim.momentum"} <= set(names)
-        assert [name for name in names if not name.startswith(KNOB_PREFIXES)] == []
+    extra = {"self_paced": {"keep": {"easy": 0.5, "hard": 1.0}}, "semi_supervised": {"labeled": 100}}
+    names = Plan.from_config(parse_config({**common, **extra})).names
+    assert {"distill.temperature", "distill.weight", "optim.momentum", "self_paced.keep",
+            "semi_supervised.ratio"} <= set(names)
+    assert [name for name in names if not name.startswith(KNOB_PREFIXES)] == []

@@ -19,7 +19,7 @@ from cycdata.train.experiment import Suite, run_suite
 from cycdata.train.paths import check_output, dataset_folder, disk_full_line, remove_run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=test_resnet", "data.train_limit=200", "epochs=2", "runtime.progress=false"]
+TINY = ["model=test_resnet", "data.train_limit=200", "epochs=2", "cyclical_factor=1", "runtime.progress=false"]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 120) -> subprocess.CompletedProcess[str]:

@@ -154,7 +154,6 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         (["data.dataset=cifar10:/nonexistent/cifar"], "cifar"),
         (["model=no_such_model"], "model:"),
         (["semi_supervised.labeled=100000"], "semi_supervised.labeled"),
-        (["self_paced.keep=0.5", "semi_supervised.labeled=100"], "cannot be combined"),
         (["epochs=1"], "epochs: got 1, must be >= 2"),
     ],
 )

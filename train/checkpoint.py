@@ -276,7 +276,7 @@ _RUN_KEYS: dict[str, type | tuple[type, ...]] = {
 
 # config.yaml keys an edit may change on --resume: they only decide what is printed (the progress bar and
 # how often its loss refreshes), never a number the run computes. Any other edit is refused.
-SAFE_TO_EDIT_ON_RESUME = ("runtime.progress", "runtime.log_every")
+SAFE_TO_EDIT_ON_RESUME = ("runtime.progress", "runtime.log_every", "runtime.log_steps")
 
 
 def check_run_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
@@ -407,7 +407,7 @@ def _config_for_resume(stored: dict[str, Any], config_file: Path) -> RunConfig:
         listed = ", ".join(f"{key} ({before.get(key)!r} -> {after.get(key)!r})" for key in refused[:6])
         more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
         raise ConfigError("config", f"{config_file} was edited after the run started: {listed}{more}; a resumed run "
-                          "keeps the config stored in last.pt (only runtime.progress and runtime.log_every may "
+                          "keeps the config stored in last.pt (only runtime.progress, log_every and log_steps may "
                           "change): undo the edit, or start a new run with --out")
     if not changed:
         return config

@@ -19,19 +19,30 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cycdata.augment_ladder.ladder import LadderError
+# Only torch-free modules at the top: `--help`, `plan` and usage errors answer before torch is imported;
+# each command imports what it needs.
 from cycdata.config import ConfigError, RunConfig, RunStopped, apply_overrides, load_config
-from cycdata.loaders.datasets import DatasetError
-from cycdata.loaders.ffcv_loader import FFCVMissingError
-from cycdata.plan import Plan
-from cycdata.train.checkpoint import CheckpointError
+from cycdata.plan import Plan, warn_if_short_cycle
 from cycdata.train.experiment import SUITES, load_suite, results_table, run_suite
 from cycdata.train.paths import check_output, dataset_folder, disk_full_line
-from cycdata.train.range_test import KNOB_SPECS, STEP_RULES, check_sweep, plot_range, range_test
+from cycdata.train.range_knobs import KNOB_SPECS, STEP_RULES
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+
+# The library's one-line errors beyond ConfigError, by the module that defines each (imported by a command
+# only when it needs it: an error can only come from a module that was imported).
+_USER_ERRORS = (
+    ("cycdata.augment_ladder.ladder", "LadderError"),
+    ("cycdata.loaders.datasets", "DatasetError"),
+    ("cycdata.loaders.ffcv_loader", "FFCVMissingError"),
+    ("cycdata.train.checkpoint", "CheckpointError"),
+)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    return tuple(getattr(sys.modules[module], name) for module, name in _USER_ERRORS if module in sys.modules)
 
 
 def _version() -> str:
@@ -90,18 +101,31 @@ def _command_plan(args: argparse.Namespace) -> int:
     config = load_config(config_path, overrides)
     if args.plot:
         check_output("--plot", args.plot, folder=False)
-    from cycdata.train.builders import validate_run
-
-    validate_run(config)  # what train would refuse (dataset, ladder, model against the images), plan refuses too
     plan = Plan.from_config(config)
-    if args.json:
+    if not args.json:  # the table first (no torch needed), then train's slower checks
+        print(plan.table(), flush=True)
+    checked = _check_like_train(config)
+    warn_if_short_cycle(config)
+    if args.json:  # stdout holds the JSON object only, and only for a config that train would accept
         print(plan.to_json())
     else:
-        print(plan.table())
+        print(checked)
     if args.plot:
         path = plan.plot(args.plot)
         print(f"plot written to {path}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _check_like_train(config: RunConfig) -> str:
+    """What ``train`` refuses before it writes anything (dataset, ladder, the model against the images), refused
+    here too; a line saying what was checked."""
+    from cycdata.train.builders import resolve_ladder, validate_run
+
+    data = validate_run(config)
+    ladder = resolve_ladder(config, data)
+    return (f"checked as train would: dataset {config.data.dataset} ({len(data.train)} train / {len(data.test)} "  # type: ignore[arg-type]
+            f"test images, {data.in_chans}x{data.image_size}x{data.image_size}, {data.num_classes} classes), "
+            f"model {config.model}, ladder {'none' if ladder is None else ladder.name}")
 
 
 def _default_run_dir(config: RunConfig) -> Path:
@@ -154,7 +178,7 @@ def _command_train(args: argparse.Namespace) -> int:
 def _command_ladder_measure(args: argparse.Namespace) -> int:
     import yaml
 
-    from cycdata.augment_ladder.ladder import load_ladder
+    from cycdata.augment_ladder.ladder import LadderError, load_ladder
     from cycdata.augment_ladder.measure import measure_ladder, reorder, train_reference_model
     from cycdata.loaders.datasets import load_dataset
 
@@ -256,6 +280,8 @@ def _command_experiment(args: argparse.Namespace) -> int:
 
 
 def _command_range_test(args: argparse.Namespace) -> int:
+    from cycdata.train.range_test import check_sweep, plot_range, range_test
+
     config_path, overrides = _split_config_and_overrides(args.items)
     config = load_config(config_path, overrides)
     # The sweep's arguments and the output folder are checked before the (minutes long) sweep, not after it.
@@ -392,10 +418,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"cycdata {args.command}: invalid config: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (DatasetError, CheckpointError, LadderError, FFCVMissingError) as error:
-        print(f"cycdata {args.command}: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (OSError, RuntimeError) as error:
+    except Exception as error:
+        if isinstance(error, _user_error_types()):
+            print(f"cycdata {args.command}: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        if not isinstance(error, (OSError, RuntimeError)):
+            raise
         # A disk that fills up mid-run (a checkpoint, a plot): one line; the last complete checkpoint is kept.
         line = disk_full_line(error, getattr(args, "out", None) or getattr(args, "resume", None))
         if line is None:

@@ -53,35 +53,14 @@ from torch import Tensor, nn
 
 from cycdata.config import ConfigError, RunConfig, apply_settings, config_to_dict, parse_config
 from cycdata.schedules import Constant, Cyclical
+from cycdata.train.range_knobs import KNOB_SPECS, STEP_RULES, KnobSpec
 
 __all__ = ["KNOB_SPECS", "STEP_RULES", "KnobSpec", "RangeResult", "average_sweeps", "check_sweep", "range_test",
            "steepest_descent", "suggest_ends", "sweep_values"]
 
 
-@dataclass(frozen=True)
-class KnobSpec:
-    """How one knob is swept: default range, scale and the rule family for its ends."""
-
-    low: float
-    high: float
-    scale: str  # "log" or "linear"
-    rule: str  # "step" (loss falls then diverges), "regularizer", or "batch"
-    integer: bool = False
-
-
-KNOB_SPECS: dict[str, KnobSpec] = {
-    "optim.lr": KnobSpec(1e-4, 1.0, "log", "step"),
-    "optim.momentum": KnobSpec(0.5, 0.99, "linear", "step"),
-    "grad_clip": KnobSpec(0.05, 20.0, "log", "step"),
-    "optim.weight_decay": KnobSpec(1e-6, 1e-1, "log", "regularizer"),
-    "temperature": KnobSpec(0.25, 4.0, "log", "regularizer"),
-    "augment.strength": KnobSpec(0.0, 1.0, "linear", "regularizer"),
-    "data.batch_size": KnobSpec(16, 512, "log", "batch", integer=True),
-}
-
 DIVERGENCE = 4.0  # stop when the smoothed loss exceeds this multiple of its minimum
 SMOOTHING = 0.9  # EMA factor of the smoothed loss
-STEP_RULES = ("classic", "steepest")  # how a step-size knob's easy end is read off the curve
 ACCURACY_TOLERANCE = 0.02  # regularizers: within 2 points of the best held-out accuracy
 HELD_OUT = 500  # training samples held out for the accuracy probe
 

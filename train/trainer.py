@@ -47,7 +47,7 @@ from cycdata.augment_ladder.ladder import Ladder
 from cycdata.config import RunConfig, RunStopped, dump_config, validate_config
 from cycdata.loaders.datasets import load_dataset
 from cycdata.loaders.torch_loader import BatchLoader, CyclicalLoader
-from cycdata.plan import Plan
+from cycdata.plan import Plan, warn_if_short_cycle
 from cycdata.samplers import epoch_generator
 from cycdata.train.builders import (
     Normalize,
@@ -219,7 +219,7 @@ def augment_batch(
 
 
 def train_one_epoch(
-    model: nn.Module, loader: CyclicalLoader, epoch: int, context: EpochContext, progress: Any
+    model: nn.Module, loader: CyclicalLoader, epoch: int, context: EpochContext, report: StepReport | None = None
 ) -> dict[str, float]:
     """One pass of the loader; per-sample losses go to the loader's ledger (no host sync per step).
 
@@ -253,10 +253,8 @@ def train_one_epoch(
         sums.add(step_sums)
         if grad_norm is not None:
             sums.add(grad_norm=grad_norm.detach())
-        if progress is not None:
-            if (step + 1) % context.config.runtime.log_every == 0:  # the only host read, and only when shown
-                progress.set_postfix(loss=f"{sums['loss'].item() / sums['samples'].item():.4f}", refresh=False)
-            progress.update(1)
+        if report is not None:
+            report.step(step, sums, knobs)
     sums.all_reduce()
     totals = sums.totals()
     _check_finite(first_bad, model, epoch, context.config.epochs, knobs_by_step)
@@ -324,6 +322,8 @@ def train(
     train_model = wrap_for_training(model, config, runtime)
     context = EpochContext(hooks=hooks, optimizer=optimizer, config=config, normalize=normalize, runtime=runtime,
                            ladder=ladder, num_classes=data.num_classes, teacher=teacher)
+    if resume_from is None and runtime.is_main:  # once everything is checked: a failing run prints its error only
+        warn_if_short_cycle(config)
 
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -340,16 +340,19 @@ def train(
             data_knobs = train_loader.knobs  # fixes the epoch's selection and batch size
             context.batch_threshold = batch_self_paced_threshold(config, plan, train_loader, epoch)
             context.generator = epoch_generator(config.seed, epoch, stream=4 + runtime.rank, device=runtime.device)
-            progress = _progress_bar(epoch, config.epochs, len(train_loader)) if show_progress else None
-            train_metrics = train_one_epoch(train_model, train_loader, epoch, context, progress)
+            report = None
+            if runtime.is_main and (show_progress or config.runtime.log_steps is not None):
+                report = StepReport(epoch=epoch, epochs=config.epochs, steps=len(train_loader), bar=show_progress,
+                                    every=config.runtime.log_steps, refresh=config.runtime.log_every)
+            train_metrics = train_one_epoch(train_model, train_loader, epoch, context, report)
             train_seconds = time.perf_counter() - started
             test_metrics = evaluate(model, test_loader, config, normalize, runtime)
             if test_metrics.pop("test_nonfinite", 0):  # finite but huge weights: the outputs overflow
                 steps = len(train_loader)
                 raise TrainingDiverged("the model's outputs became NaN or infinite (evaluation)", epoch,
                                        config.epochs, steps - 1, steps, hooks.values)
-            if progress is not None:
-                progress.close()
+            if report is not None:
+                report.close()
             row = {"epoch": epoch, **plan.at(epoch), **data_knobs, **train_metrics, **test_metrics,
                    "images_per_second": train_metrics["train_samples"] / train_seconds,
                    "epoch_seconds": time.perf_counter() - started}
@@ -372,7 +375,52 @@ def train(
     return row
 
 
-def _progress_bar(epoch: int, epochs: int, steps: int) -> Any:
-    from tqdm import tqdm
+class StepReport:
+    """What an epoch shows while it runs: a progress bar (on a terminal) and, with ``runtime.log_steps``, one
+    line every N steps. The mean loss is read from the device only when something shows it.
 
-    return tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True, file=sys.stdout)
+    Example:
+        >>> import io, contextlib
+        >>> report = StepReport(epoch=0, epochs=3, steps=4, bar=False, every=2)
+        >>> sums = {"loss": torch.tensor(3.0), "samples": torch.tensor(6.0)}
+        >>> with contextlib.redirect_stdout(io.StringIO()) as text:
+        ...     for step in range(4):
+        ...         report.step(step, sums, {"optim.lr": 0.05})
+        >>> print(text.getvalue().strip())
+        epoch 1/3  step 2/4  loss 0.5000  lr 0.05
+        epoch 1/3  step 4/4  loss 0.5000  lr 0.05
+    """
+
+    def __init__(self, *, epoch: int, epochs: int, steps: int, bar: bool, every: int | None,
+                 refresh: int = 20) -> None:
+        self.epoch, self.epochs, self.steps = epoch, epochs, steps
+        self.every, self.refresh = every, refresh
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True,
+                            file=sys.stdout)
+
+    def step(self, step: int, sums: Any, knobs: dict[str, float | int]) -> None:
+        done = step + 1
+        line = self.every is not None and (done % self.every == 0 or done == self.steps)
+        refresh = self.bar is not None and done % self.refresh == 0
+        if line or refresh:  # the only host read of the step, and only when shown
+            loss = float(sums["loss"].item() / max(1.0, float(sums["samples"].item())))
+            if refresh:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # type: ignore[union-attr]
+            if line:
+                text = f"epoch {self.epoch + 1}/{self.epochs}  step {done}/{self.steps}  loss {loss:.4f}"
+                if "optim.lr" in knobs:
+                    text += f"  lr {float(knobs['optim.lr']):.4g}"
+                if self.bar is not None:
+                    self.bar.write(text, file=sys.stdout)
+                else:
+                    print(text, flush=True)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
