@@ -123,8 +123,9 @@ def _knob_panel(axis: Any, name: str, rows: Sequence[Mapping[str, Any]], plan: P
                 series: tuple[list[float], dict[str, list[float]]] | None, points: Sequence[int] | None,
                 color: str, variant: str | None = None) -> None:
     """One run's knob ``name`` on ``axis``: the plan's per-step line with the logged markers on it, or the
-    logged per-epoch values alone, each held through its epoch, when the plan does not give the knob. With ``variant`` (a suite's panel) the
-    line is labelled by the variant and the easy/hard ends are left out (one pair per variant would clutter)."""
+    logged per-epoch values alone, each held through its epoch, when the plan does not give the knob. With
+    ``variant`` (a suite's panel) the line is labelled by the variant and the easy/hard ends are left out (one
+    pair per variant would clutter)."""
     epochs = [int(_number(row["epoch"])) for row in rows]
     logged = [_number(row.get(name)) for row in rows]
     if plan is None or series is None or points is None or name not in plan.names:
