@@ -329,6 +329,7 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(config))
     logger = RunLogger(out, run.history, enabled=runtime.is_main)
+    logger.plan = plan  # knobs.png draws the knobs step by step from the run's own plan
     # A bar only on a terminal: in a file (nohup, CI, a cluster job) every frame would be a line of its own.
     show_progress = config.runtime.progress and runtime.is_main and sys.stdout.isatty()
     last_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
