@@ -161,6 +161,15 @@ def choice(*options: str) -> Parser:
     return parse
 
 
+def optimizer_name(key: str, raw: Any, ctx: Mapping[str, Any]) -> str:
+    """An optimizer name as timm spells them (``sgd``, ``adamw``, ``lamb``, ``lookahead_adamw``); whether timm
+    has it is checked when the run is built (timm is not imported to read a config)."""
+    if not isinstance(raw, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", raw):
+        raise ConfigError(key, f"got {raw!r}, expected a timm optimizer name such as sgd, adamw or lamb "
+                               "(lower case; timm.optim.list_optimizers() lists them)")
+    return raw
+
+
 def text(key: str, raw: Any, ctx: Mapping[str, Any]) -> str:
     if not isinstance(raw, str) or not raw:
         raise ConfigError(key, f"got {raw!r}, expected a non-empty string")
@@ -314,6 +323,9 @@ class DataConfig:
     train_limit: int | None = key(optional(number(gt=0, integer=True)), None,
                                   "train on a fixed, class-balanced subset of this many samples (limited-data studies)")
     eval_batch_size: int = key(number(gt=0, integer=True), 500, "batch size for evaluation")
+    image_size: int | None = key(optional(number(ge=8, le=2048, integer=True)), None,
+                                 "the image side the model sees (training crops; evaluation resizes and centre-crops); "
+                                 "null: the dataset's own (folder: 64)")
     num_workers: int = key(number(ge=0, integer=True), 2, "DataLoader worker processes (ffcv: decoding threads)")
     placement: str = key(choice("auto", "device", "workers", "ffcv"), "auto",
                          "where batches come from: device-resident tensors, DataLoader workers, ffcv (.beton); "
@@ -323,7 +335,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = key(choice("sgd", "adamw", "adam"), "sgd", "optimizer")
+    name: str = key(optimizer_name, "sgd", "any timm optimizer (timm.optim.list_optimizers()): sgd (Nesterov with "
+                    "optim.nesterov), adamw, adam, lamb, lars, adabelief, ...")
+    accumulate: int = key(number(ge=1, le=1024, integer=True), 1,
+                          "gradient accumulation: one optimizer step every K batches (the knobs advance per step)")
     lr: Schedule = key(knob(gt=0), Constant(0.1), "learning rate: a number is the peak of optim.sched; "
                        "{easy: small, hard: large} is a cyclical LR (after the warmup)")
     momentum: Schedule = key(knob(ge=0, lt=1), Constant(0.9),
@@ -427,6 +442,12 @@ class SemiSupervisedConfig:
 
 
 @dataclass(frozen=True)
+class ModelEmaConfig:
+    decay: float = key(number(gt=0, lt=1), 0.9998, "EMA decay per optimizer step (timm's ModelEmaV3)")
+    warmup: bool = key(boolean, False, "timm's EMA warmup: a smaller decay over the first steps")
+
+
+@dataclass(frozen=True)
 class CycleConfig:
     start: float = key(number(ge=0, lt=1), 0.0, "where in the easy→hard→easy cycle this run starts (0..1)")
     end: float = key(number(gt=0, le=1), 1.0, "where it ends: 0→0.5 pre-trains easy→hard, 0.5→1 fine-tunes hard→easy")
@@ -480,6 +501,7 @@ class RunConfig:
                       "size and momentum cycle (SGD; overrides data.lr_coupling)")
     cycle: CycleConfig = section(CycleConfig)
     distill: DistillConfig | None = section(DistillConfig, default_on=False)
+    model_ema: ModelEmaConfig | None = section(ModelEmaConfig, default_on=False)
     runtime: RuntimeConfig = section(RuntimeConfig)
     # Not a config key: the dotted keys the parsed mapping set (``optim.lr``, ``optim``, ...), so an explicit
     # ``optim.lr: 0.1`` can be told from the default recipe's (CyclicalHooks drives the LR only then). A config

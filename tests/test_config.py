@@ -116,7 +116,7 @@ BAD_CONFIGS = [
     ({"optim": {"weight_decay": {"easy": -1e-5, "hard": 1e-4}}}, "optim.weight_decay.easy", "must be >= 0"),
     ({"optim": {"wieght_decay": 0.1}}, "optim.wieght_decay", "did you mean 'optim.weight_decay'"),
     ({"optim": {"momentum": 1.0}}, "optim.momentum", "must be >= 0 and < 1"),
-    ({"optim": {"name": "sdg"}}, "optim.name", "did you mean 'sgd'"),
+    ({"optim": {"name": "SGD!"}}, "optim.name", "timm optimizer name"),
     ({"data": {"batch_size": 0}}, "data.batch_size", "must be > 0"),
     ({"data": {"batch_size": {"easy": 256.5, "hard": 64}}}, "data.batch_size.easy", "expected an integer"),
     ({"data": {"batch_size": {"easy": 256}}}, "data.batch_size", "missing hard"),

@@ -32,6 +32,7 @@ from cycdata.loaders.device_loader import fits_in_memory
 from cycdata.loaders.torch_loader import BatchLoader, CyclicalLoader
 from cycdata.plan import Plan
 from cycdata.samplers import ShuffledBatchSampler
+from cycdata.schedules import Constant
 from cycdata.train.weights import build_teacher, load_weights
 
 __all__ = [
@@ -377,15 +378,21 @@ def build_model(config: RunConfig, data: DatasetSplits) -> nn.Module:
         raise ConfigError("model", f"{error}; see timm.list_models() for names") from None
 
 
+def run_dataset(config: RunConfig) -> DatasetSplits:
+    """The run's data: ``data.dataset`` at ``data.image_size``, cut to ``data.train_limit``."""
+    return limit_train(load_dataset(config.data.dataset, image_size=config.data.image_size), config.data.train_limit)
+
+
 def validate_run(config: RunConfig) -> DatasetSplits:
     """Everything ``cycdata train`` checks before it writes anything, for ``plan`` and ``train`` alike.
 
     Loads the dataset (its path, files and checksums), applies ``data.train_limit`` (at least one sample
     per class), resolves the ladder and checks the model against the data. Returns the run's data.
     """
-    data = limit_train(load_dataset(config.data.dataset), config.data.train_limit)
+    data = run_dataset(config)
     resolve_ladder(config, data)
     check_model(config, data)
+    check_optimizer(config)
     return data
 
 
@@ -429,20 +436,95 @@ def wrap_for_training(model: nn.Module, config: RunConfig, runtime: Runtime) -> 
     return wrapped
 
 
-def build_optimizer(model: nn.Module, config: RunConfig, plan: Plan) -> torch.optim.Optimizer:
-    """timm's optimizer factory: biases and norms go to a no-decay group, the rest to the decay group."""
+def timm_optimizer_name(config: RunConfig) -> str:
+    """The name timm knows ``optim.name`` by (``sgd`` without ``optim.nesterov`` is timm's ``momentum``)."""
+    name = config.optim.name
+    return "momentum" if name == "sgd" and not config.optim.nesterov else name
+
+
+def _momentum_slot(optimizer: torch.optim.Optimizer) -> str | None:
+    """Where the optimizer keeps what ``optim.momentum`` drives: ``momentum``, ``betas`` (beta1) or nowhere."""
+    defaults = optimizer.defaults
+    if "momentum" in defaults:
+        return "momentum"
+    betas = defaults.get("betas")
+    if isinstance(betas, (tuple, list)) and betas and betas[0] is not None:
+        return "betas"
+    return None
+
+
+def check_optimizer(config: RunConfig) -> None:
+    """Refuse an ``optim.name`` timm does not have (or cannot build here), and a momentum it has no slot for.
+
+    Example:
+        >>> from cycdata.config import parse_config
+        >>> check_optimizer(parse_config({"optim": {"name": "lamb"}}))
+        >>> check_optimizer(parse_config({"optim": {"name": "lamm"}}))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        cycdata.config.ConfigError: optim.name: timm has no optimizer 'lamm' (did you mean lamb, lambw, lambc?); ...
+    """
+    import difflib
+
     import timm.optim
 
+    name = timm_optimizer_name(config)
+    known = timm.optim.list_optimizers()
+    base = name.removeprefix("lookahead_")
+    if base not in known:
+        close = difflib.get_close_matches(config.optim.name, known, n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError("optim.name", f"timm has no optimizer {config.optim.name!r}{hint}; "
+                          "timm.optim.list_optimizers() lists them")
+    probe = _build_timm_optimizer(nn.Linear(1, 1), name, lr=0.1, weight_decay=0.0, momentum=0.9)
+    momentum = config.optim.momentum
+    drives_momentum = not isinstance(momentum, Constant) or "optim.momentum" in config.given_keys
+    if drives_momentum and _momentum_slot(probe) is None:
+        raise ConfigError("optim.momentum", f"timm's {name} has no momentum or beta1 for it to set; leave "
+                          "optim.momentum out, or choose an optimizer with one (sgd, adamw, lamb, lars, ...)")
+
+
+def _build_timm_optimizer(model: nn.Module, name: str, **options: Any) -> torch.optim.Optimizer:
+    import timm.optim
+
+    try:
+        return timm.optim.create_optimizer_v2(model, opt=name, **options)
+    except (ImportError, ModuleNotFoundError) as error:  # bnb*, fused*: optional packages timm imports on demand
+        raise ConfigError("optim.name", f"timm's {name} needs a package this environment lacks "
+                          f"({' '.join(str(error).split())}); install it or choose another optimizer") from None
+
+
+def build_optimizer(model: nn.Module, config: RunConfig, plan: Plan) -> torch.optim.Optimizer:
+    """timm's optimizer factory for any of its optimizers: biases and norms go to a no-decay group, the rest to
+    the decay group; ``optim.momentum`` (its value at the start) goes to SGD-style ``momentum`` or to the
+    first of Adam-style ``betas``, the optimizer's other betas kept at timm's defaults.
+
+    Example:
+        >>> from cycdata.config import parse_config
+        >>> config = parse_config({"optim": {"name": "lamb", "momentum": 0.8}})
+        >>> optimizer = build_optimizer(nn.Linear(2, 2), config, Plan.from_config(config))
+        >>> type(optimizer).__name__, optimizer.param_groups[0]["betas"]
+        ('Lamb', (0.8, 0.999))
+    """
     first = plan.at(0)
     knob = plan.knob("optim.weight_decay")
     start = max(knob.ends) if knob.ends else float(first["optim.weight_decay"])
     momentum = float(first.get("optim.momentum", plan.momentum))
-    options: dict[str, Any] = {"momentum": momentum}
-    name = config.optim.name
-    if name == "sgd":
-        name = "sgd" if config.optim.nesterov else "momentum"  # timm: "sgd" is Nesterov, "momentum" is not
-    else:
-        options = {"betas": (momentum, 0.999)}
     # The initial LR, momentum and weight decay only build the groups; the hooks overwrite them before step 1.
-    return timm.optim.create_optimizer_v2(model, opt=name, lr=float(first["optim.lr"]), weight_decay=start,
-                                          **options)
+    optimizer = _build_timm_optimizer(model, timm_optimizer_name(config), lr=float(first["optim.lr"]),
+                                      weight_decay=start, momentum=momentum)
+    if _momentum_slot(optimizer) == "betas":
+        for group in optimizer.param_groups:
+            if group.get("betas") is not None:
+                group["betas"] = (momentum, *tuple(group["betas"])[1:])
+    return optimizer
+
+
+def build_model_ema(config: RunConfig, model: nn.Module) -> nn.Module | None:
+    """timm's ``ModelEmaV3`` of ``model`` (on its device) when ``model_ema`` is on; evaluated and checkpointed
+    beside the model, updated after every optimizer step."""
+    if config.model_ema is None:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=config.model_ema.decay, use_warmup=config.model_ema.warmup)

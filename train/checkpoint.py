@@ -258,14 +258,23 @@ class RunState:
     epoch: int = 0  # the next epoch to run
     best_accuracy: float = -math.inf
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per finished epoch
+    optimizer_steps: int = 0  # optimizer steps taken so far (the model EMA's warmup counts them)
 
-    def record(self, row: dict[str, Any]) -> bool:
-        """Count the finished epoch ``row`` in; returns whether its test accuracy is the best so far."""
-        improved = row["test_accuracy"] > self.best_accuracy
-        self.best_accuracy = max(self.best_accuracy, row["test_accuracy"])
+    def record(self, row: dict[str, Any], optimizer_steps: int = 0) -> bool:
+        """Count the finished epoch ``row`` in; returns whether its accuracy is the best so far."""
+        accuracy = best_metric(row)
+        improved = accuracy > self.best_accuracy
+        self.best_accuracy = max(self.best_accuracy, accuracy)
         self.epoch = row["epoch"] + 1
+        self.optimizer_steps = optimizer_steps
         self.history.append(row)
         return improved
+
+
+def best_metric(row: Mapping[str, Any]) -> float:
+    """What best.pt is chosen by: the EMA weights' test accuracy when the run keeps a model EMA (as timm's
+    train.py does), else the model's."""
+    return float(row.get("ema_test_accuracy", row["test_accuracy"]))
 
 
 # The keys a run checkpoint holds, with the types the resume code relies on.
@@ -303,6 +312,7 @@ def restore_run(
     optimizer: torch.optim.Optimizer,
     loader: CyclicalLoader,
     rank: int,
+    ema: nn.Module | None = None,
 ) -> RunState:
     """Load a checkpoint ``state`` (None: a fresh run) into the model, optimizer, loader and this rank's RNG.
 
@@ -316,10 +326,14 @@ def restore_run(
         restore_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
         if state.get("data_state"):
             loader.load_state_dict(state["data_state"])  # the ledger, sampler position and RNG
+        if ema is not None:
+            if "model_ema" not in state:
+                raise KeyError("model_ema: the checkpoint has no EMA weights")
+            ema.load_state_dict(state["model_ema"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
         raise CheckpointError(f"the checkpoint does not fit this run ({one_line(error)}); resume it with the "
                               "config it was saved with") from None
-    return RunState(state["epoch"], state["best_accuracy"], state["history"])
+    return RunState(state["epoch"], state["best_accuracy"], state["history"], int(state.get("optimizer_steps", 0)))
 
 
 def save_run(
@@ -332,6 +346,7 @@ def save_run(
     optimizer: torch.optim.Optimizer,
     config: RunConfig,
     data_state: dict[str, Any],
+    ema: nn.Module | None = None,
 ) -> None:
     """Atomic best.pt of ``run`` when the epoch ``improved`` the test accuracy, then atomic last.pt.
 
@@ -355,7 +370,10 @@ def save_run(
             "rng": rng,
             "config": config_to_dict(config),
             "data_state": data_state,
+            "optimizer_steps": run.optimizer_steps,
         }
+        if ema is not None:
+            state["model_ema"] = ema.state_dict()
         if improved:
             save_checkpoint(state, folder / "best.pt")
         save_checkpoint(state, folder / "last.pt")
@@ -439,7 +457,7 @@ def _best_accuracy_on_disk(best_file: Path, history: list[dict[str, Any]]) -> fl
         return -math.inf
     held = best["epoch"] - 1  # a checkpoint's epoch is the next one to run
     if held < len(history) and _same_row(history[held], best["history"][held]):
-        return float(history[held]["test_accuracy"])
+        return best_metric(history[held])
     return -math.inf
 
 

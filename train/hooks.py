@@ -243,8 +243,8 @@ class CyclicalHooks:
         if "optim.momentum" in values:
             momentum = float(values["optim.momentum"])
             for group in groups:  # SGD's momentum; Adam-family optimizers: beta1
-                if "betas" in group:
-                    group["betas"] = (momentum, group["betas"][1])
+                if "betas" in group:  # the other betas stay as they are (Adan has three)
+                    group["betas"] = (momentum, *tuple(group["betas"])[1:])
                 else:
                     group["momentum"] = momentum
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -144,21 +145,25 @@ class RunLogger:
         self.history: list[dict[str, Any]] = list(history)
         self.enabled = enabled
         self._writer: Any = None
-        if enabled:
+        if enabled and _tensorboard_installed():
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a killed run wrote after its last checkpoint.
             self._writer = SummaryWriter(str(folder / "tensorboard"), purge_step=len(self.history) or None)
+        elif enabled:  # said once, before the first epoch: the events are an extra, the CSV and plots are not
+            warnings.warn("TensorBoard events are not written (tensorboard is not installed): "
+                          "pip install 'cycdata[tensorboard]'", stacklevel=2)
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         self.history.append(row)
         if not self.enabled:
             return
         self._write_csv()
-        for name, value in row.items():
-            if name != "epoch" and isinstance(value, (int, float)):
-                self._writer.add_scalar(name, value, row["epoch"])
-        self._writer.flush()
+        if self._writer is not None:
+            for name, value in row.items():
+                if name != "epoch" and isinstance(value, (int, float)):
+                    self._writer.add_scalar(name, value, row["epoch"])
+            self._writer.flush()
         self._plot()
 
     def close(self) -> None:
@@ -193,12 +198,20 @@ class RunLogger:
                 save_figure(figure, self.folder / filename, dpi=100)
 
 
+def _tensorboard_installed() -> bool:
+    """Whether ``tensorboard`` (the optional ``[tensorboard]`` extra) can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 def summary_line(row: Mapping[str, Any], epochs: int) -> str:
     """The one line printed after each epoch: loss, accuracies, calibration, every knob and the speed."""
     knobs = "  ".join(f"{name} {value:.4g}" for name, value in row.items() if name.startswith(KNOB_PREFIXES))
+    ema = f"ema {100 * row['ema_test_accuracy']:.2f}%  " if "ema_test_accuracy" in row else ""
     return (
         f"epoch {row['epoch'] + 1:>3}/{epochs}  loss {row['train_loss']:.4f}  "
-        f"train {100 * row['train_accuracy']:.2f}%  test {100 * row['test_accuracy']:.2f}%  "
+        f"train {100 * row['train_accuracy']:.2f}%  test {100 * row['test_accuracy']:.2f}%  {ema}"
         f"nll {row['test_nll']:.4f}  ece {row['test_ece']:.4f}  {knobs}  "
         f"{row['images_per_second']:.0f} img/s  {row['epoch_seconds']:.1f}s"
     )

@@ -298,10 +298,9 @@ class _Probe:
     """Training batches from one part of the train split, accuracy on the held-out rest."""
 
     def __init__(self, config: RunConfig, device: torch.device) -> None:
-        from cycdata.loaders.datasets import load_dataset
-        from cycdata.train.builders import limit_train
+        from cycdata.train.builders import run_dataset
 
-        data = limit_train(load_dataset(config.data.dataset), config.data.train_limit)
+        data = run_dataset(config)
         images, labels = getattr(data.train, "images", None), getattr(data.train, "labels", None)
         if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
             raise ConfigError("data.dataset", f"the range test needs an in-memory dataset; {data.name} is lazy")

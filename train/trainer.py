@@ -45,7 +45,6 @@ from torch import Tensor, nn
 
 from cycdata.augment_ladder.ladder import Ladder
 from cycdata.config import RunConfig, RunStopped, dump_config, validate_config
-from cycdata.loaders.datasets import load_dataset
 from cycdata.loaders.torch_loader import BatchLoader, CyclicalLoader
 from cycdata.plan import Plan, warn_if_short_cycle
 from cycdata.samplers import epoch_generator
@@ -54,6 +53,7 @@ from cycdata.train.builders import (
     Runtime,
     autocast,
     build_model,
+    build_model_ema,
     build_normalize,
     build_optimizer,
     build_run_model,
@@ -61,8 +61,8 @@ from cycdata.train.builders import (
     build_test_loader,
     build_train_loader,
     collective_timeout,
-    limit_train,
     resolve_ladder,
+    run_dataset,
     setup_runtime,
     wrap_for_training,
 )
@@ -167,6 +167,9 @@ class EpochContext:
     ladder: Ladder | None = None  # the augmentation ladder, applied to batches on the device
     num_classes: int = 0
     teacher: nn.Module | None = None  # distillation teacher: eval mode, no gradients
+    model: nn.Module | None = None  # the unwrapped model (the model EMA follows it)
+    ema: nn.Module | None = None  # timm's ModelEmaV3, updated after every optimizer step
+    optimizer_steps: int = 0  # over the run: the EMA's warmup counts them
 
     @property
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -232,9 +235,16 @@ def train_one_epoch(
     steps, seen, epoch_samples = len(loader), 0, max(1, loader.samples_per_epoch)  # len(): before the pass
     first_bad = torch.full((), _NO_STEP, dtype=torch.int64, device=device)  # the first non-finite loss's step
     knobs_by_step: list[dict[str, float | int]] = []  # host values the hooks computed anyway: for the message
+    accumulate = context.config.optim.accumulate
+    updates = 0
     for step, (images, labels) in enumerate(loader):
-        # Per-step knobs advance by the share of this epoch's samples already seen (the one clock).
-        knobs = hooks.update(epoch, min(1.0, seen / epoch_samples))
+        opens_window = step % accumulate == 0
+        if opens_window:
+            # Per-step knobs advance by the share of this epoch's samples already seen (the one clock), once per
+            # optimizer step: a window of accumulated batches trains at one LR, temperature and strength.
+            knobs = hooks.update(epoch, min(1.0, seen / epoch_samples))
+            window = min(accumulate, steps - step)  # an epoch's last window may hold fewer batches
+            optimizer.zero_grad(set_to_none=True)
         knobs_by_step.append(knobs)
         labeled = loader.labeled_count
         seen += labeled
@@ -245,14 +255,22 @@ def train_one_epoch(
         batch = Batch(logits, labels, targets, labeled, inputs, knobs)
         loss, per_sample, step_sums = objective(batch, loader.batch_weights)
         first_bad = _first_nonfinite_step(first_bad, loss, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = hooks.clip_gradients(model)
-        optimizer.step()
+        closes_window = step % accumulate == window - 1
+        # Under DDP the gradients are all-reduced once per window, at its last backward.
+        no_sync = getattr(model, "no_sync", None)
+        with no_sync() if no_sync is not None and not closes_window else contextlib.nullcontext():
+            (loss / window if window > 1 else loss).backward()
+        if closes_window:
+            grad_norm = hooks.clip_gradients(model)
+            optimizer.step()
+            updates += 1
+            context.optimizer_steps += 1
+            if context.ema is not None:
+                context.ema.update(context.model, step=context.optimizer_steps)  # type: ignore[operator]
+            if grad_norm is not None:
+                sums.add(grad_norm=grad_norm.detach())
         loader.record_loss(per_sample.detach())
         sums.add(step_sums)
-        if grad_norm is not None:
-            sums.add(grad_norm=grad_norm.detach())
         if report is not None:
             report.step(step, sums, knobs)
     sums.all_reduce()
@@ -260,7 +278,7 @@ def train_one_epoch(
     _check_finite(first_bad, model, epoch, context.config.epochs, knobs_by_step)
     step_metrics: dict[str, float] = {}
     if hooks.clip_threshold is not None and hooks.clip_mode == "norm":
-        step_metrics["grad_norm"] = totals["grad_norm"] / (steps * context.runtime.world_size)
+        step_metrics["grad_norm"] = totals["grad_norm"] / (max(1, updates) * context.runtime.world_size)
     return objective.metrics(totals, step_metrics)
 
 
@@ -306,22 +324,24 @@ def train(
     check_supported(config)
     runtime = setup_runtime(config.runtime.device)
     out = Path(out_dir)
-    data = limit_train(load_dataset(config.data.dataset), config.data.train_limit)
+    data = run_dataset(config)
     ladder = resolve_ladder(config, data)  # a bad ladder fails here, before any model is built
     plan = Plan.from_config(config)
 
     model = build_run_model(config, data, runtime, fresh=resume_from is None)
     teacher = build_run_teacher(config, data, runtime)
     optimizer = build_optimizer(model, config, plan)
+    ema = build_model_ema(config, model)
     clip_mode = config.grad_clip.mode if config.grad_clip is not None else "norm"
     hooks = CyclicalHooks(optimizer, plan, clip_mode=clip_mode, set_lr=True)  # the trainer's LR is the plan's
     normalize = build_normalize(config, data, runtime)
     train_loader = build_train_loader(config, data, runtime, plan)  # the data side reads the same plan
     test_loader = build_test_loader(config, data, runtime)
-    run = restore_run(resume_from, model, optimizer, train_loader, runtime.rank)
+    run = restore_run(resume_from, model, optimizer, train_loader, runtime.rank, ema=ema)
     train_model = wrap_for_training(model, config, runtime)
     context = EpochContext(hooks=hooks, optimizer=optimizer, config=config, normalize=normalize, runtime=runtime,
-                           ladder=ladder, num_classes=data.num_classes, teacher=teacher)
+                           ladder=ladder, num_classes=data.num_classes, teacher=teacher, model=model, ema=ema,
+                           optimizer_steps=run.optimizer_steps)
     if resume_from is None and runtime.is_main:  # once everything is checked: a failing run prints its error only
         warn_if_short_cycle(config)
 
@@ -348,6 +368,10 @@ def train(
             train_metrics = train_one_epoch(train_model, train_loader, epoch, context, report)
             train_seconds = time.perf_counter() - started
             test_metrics = evaluate(model, test_loader, config, normalize, runtime)
+            if ema is not None:  # the EMA weights, evaluated as the model is (timm keeps the best by them)
+                ema_metrics = evaluate(ema.module, test_loader, config, normalize, runtime)  # type: ignore[arg-type]
+                ema_metrics.pop("test_nonfinite", 0)
+                test_metrics.update({f"ema_{name}": value for name, value in ema_metrics.items()})
             if test_metrics.pop("test_nonfinite", 0):  # finite but huge weights: the outputs overflow
                 steps = len(train_loader)
                 raise TrainingDiverged("the model's outputs became NaN or infinite (evaluation)", epoch,
@@ -361,9 +385,9 @@ def train(
                 row["semi_supervised.coverage"] = train_loader.batch_sampler.unlabeled.coverage
                 row["semi_supervised.passes"] = train_loader.batch_sampler.unlabeled.passes
             logger.log_epoch(row)
-            improved = run.record(row)
+            improved = run.record(row, optimizer_steps=context.optimizer_steps)
             save_run(out, runtime, run, improved=improved, model=model, optimizer=optimizer, config=config,
-                     data_state=train_loader.state_dict())
+                     data_state=train_loader.state_dict(), ema=ema)
             if runtime.is_main:
                 print(summary_line(row, config.epochs), flush=True)
     except RuntimeError as error:
