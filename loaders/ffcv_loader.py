@@ -76,7 +76,8 @@ __all__ = [
 
 FFCV_MISSING = (
     "reading or writing .beton files needs ffcv: install the apt packages libopencv-dev libturbojpeg0-dev "
-    "pkg-config, then pip install numba && pip install --no-deps ffcv==1.0.2 (or pip install 'cycdata[ffcv]')"
+    "pkg-config g++ python3-dev, then pip install 'cycdata[ffcv]' && pip install --no-deps ffcv==1.0.2 "
+    "(docs/install.md says why --no-deps)"
 )
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
