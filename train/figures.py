@@ -46,8 +46,10 @@ __all__ = ["METRIC_PANELS", "knobs_figure", "metrics_figure", "run_plan", "steps
 METRIC_PANELS: tuple[tuple[str, str, tuple[tuple[str, str, float], ...]], ...] = (
     ("loss (nats per sample)", "nats",
      (("train_loss", "train (its objective, during the epoch)", 1.0), ("test_nll", "test NLL", 1.0))),
-    ("accuracy (%)", "%", (("train_accuracy", "train, during the epoch", 100.0), ("test_accuracy", "test", 100.0))),
-    ("test calibration error (ECE, 0 = calibrated)", "ECE", (("test_ece", "test", 1.0),)),
+    ("accuracy (%)", "%", (("train_accuracy", "train, during the epoch", 100.0), ("test_accuracy", "test", 100.0),
+                           ("ema_test_accuracy", "test, model EMA", 100.0))),
+    ("test calibration error (ECE, 0 = calibrated)", "ECE", (("test_ece", "test", 1.0),
+                                                             ("ema_test_ece", "test, model EMA", 1.0))),
 )
 
 _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
