@@ -45,7 +45,9 @@ Mapping (``ops.py`` parameter -> library call; ``w`` blends are done here, in fl
 :data:`FALLBACKS` lists the ops a backend runs on the torch kernel instead, because the library has no
 faithful equivalent: albumentations' ``equalize(mode="pil")`` builds its lookup table from the inclusive
 cumulative histogram, one bin off PIL's (tens of grey levels on smooth images), and its ``"cv"`` mode is
-another algorithm. Known, bounded differences of mapped kernels (tests/test_backends.py bounds each):
+another algorithm. ``resized_crop`` in its batch form (a crop resized back to the image's size) runs on the
+torch kernel everywhere; on full images in workers it is done by the dataset
+(:func:`apply_ladder_sized`). Known, bounded differences of mapped kernels (tests/test_backends.py bounds each):
 torchvision truncates where ``ops.py`` rounds (brightness, contrast, saturation, grayscale, autocontrast:
 < 1 level); albumentations' hue works in OpenCV's 8-bit HSV (hue in 2-degree steps, about 0.5 level on
 average), its ``auto_contrast`` histogram leaves out level 255 (a slightly stronger stretch when the image
@@ -84,17 +86,17 @@ import torch
 from torch import Tensor
 
 from cycdata.augment_ladder.ladder import Ladder, Rung
-from cycdata.augment_ladder.ops import OPS, Op
+from cycdata.augment_ladder.ops import OPS, SIZING_OPS, Op
 
-__all__ = ["BACKENDS", "FALLBACKS", "LadderTransform", "apply_ladder", "apply_op", "apply_rung"]
+__all__ = ["BACKENDS", "FALLBACKS", "LadderTransform", "apply_ladder", "apply_ladder_sized", "apply_op", "apply_rung"]
 
 BACKENDS = ("torch", "torchvision", "albumentations")
 
 # Built-in ops a backend executes with the torch kernel (reasons in the module docstring).
 FALLBACKS: dict[str, set[str]] = {
     "torch": set(),
-    "torchvision": set(),
-    "albumentations": {"equalize"},
+    "torchvision": {"resized_crop"},
+    "albumentations": {"equalize", "resized_crop"},
 }
 
 # A kernel executes one op for one sample: uint8 [C, H, W] and scalar parameters -> uint8 [C, H, W].
@@ -664,12 +666,65 @@ def apply_ladder(image: Tensor, ladder: Ladder, strength: float, generator: torc
         >>> out.shape, torch.equal(apply_ladder(image, load_ladder("digits"), 0.0), image)
         (torch.Size([1, 12, 12]), True)
     """
+    return apply_rung(image, _choose_rung(ladder, strength, generator), generator, backend)
+
+
+# A sized source: (resized_crop magnitude, generator) -> the uint8 image at the model's size, cropped from the full
+# image (cycdata.loaders.ImageFileDataset.resized_crop binds an index to one).
+SizedSource = Callable[[float, "torch.Generator | None"], Tensor]
+
+
+def _choose_rung(ladder: Ladder, strength: float, generator: torch.Generator | None) -> Rung:
     lower, upper_weight = ladder.position(strength)
     rung = lower
     if upper_weight > 0.0:
         coin = torch.rand(1, generator=generator, device=_generator_device(generator))
         rung = lower + 1 if bool(coin < upper_weight) else lower
-    return apply_rung(image, ladder.rungs[rung], generator, backend)
+    return ladder.rungs[rung]
+
+
+def apply_ladder_sized(source: SizedSource, ladder: Ladder, strength: float,
+                       generator: torch.Generator | None = None, backend: str = "torch") -> Tensor:
+    """Like :func:`apply_ladder`, for a sample still at its full size: the rung's ``resized_crop`` is done by
+    ``source`` on the full image, before anything else, and the rest of the rung on the cropped image.
+
+    The rung is chosen as :func:`apply_ladder` chooses it. Its first ``resized_crop`` step (its coin drawn
+    when its probability is below 1) gives the crop's magnitude, 0 when the rung has none or the coin
+    missed; ``source(magnitude, generator)`` returns the image at the model's size (magnitude 0: the
+    evaluation crop). The rung's other steps then run as in :func:`apply_rung`. Strength 0 on a built-in
+    ladder is therefore exactly the evaluation image.
+
+    Args:
+        source: ``(magnitude, generator) -> uint8 [C, S, S]``, e.g. ``lambda m, g: data.resized_crop(i, m, g)[0]``.
+        ladder: The ladder.
+        strength: In [0, 1].
+        generator: The source of randomness (``None``: torch's global generator).
+        backend: Which kernels execute the other ops (see :func:`apply_op`).
+
+    Returns:
+        uint8 ``[C, S, S]``.
+
+    Example:
+        >>> import torch
+        >>> from cycdata.augment_ladder.ladder import load_ladder
+        >>> full = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
+        >>> source = lambda m, g: full[:, :8, :8] if m == 0 else full[:, -8:, -8:]
+        >>> torch.equal(apply_ladder_sized(source, load_ladder("imagenet"), 0.0), full[:, :8, :8])
+        True
+    """
+    rung = _choose_rung(ladder, strength, generator)
+    device = _generator_device(generator)
+    magnitude = 0.0
+    sizing = next((step for step in rung.steps if step.op in SIZING_OPS), None)
+    if sizing is not None:
+        coin = sizing.probability >= 1.0 or torch.rand(1, generator=generator, device=device) < sizing.probability
+        fires = bool(coin)
+        magnitude = sizing.magnitude if fires else 0.0
+    image = source(magnitude, generator)
+    _check_image(image)
+    rest = Rung(steps=tuple(step for step in rung.steps if step is not sizing), randaugment=rung.randaugment,
+                mix=rung.mix)
+    return apply_rung(image, rest, generator, backend)
 
 
 class LadderTransform:
@@ -713,6 +768,11 @@ class LadderTransform:
         # float()/int() also take the 0-dim tensors and numpy numbers a sampler or collate may produce.
         generator = torch.Generator().manual_seed(int(seed))
         return apply_ladder(image, self.ladder, float(strength), generator, self.backend)
+
+    def sized(self, source: SizedSource, strength: float, seed: int) -> Tensor:
+        """Augment a sample still at its full size (see :func:`apply_ladder_sized`), seeded from ``seed``."""
+        generator = torch.Generator().manual_seed(int(seed))
+        return apply_ladder_sized(source, self.ladder, float(strength), generator, self.backend)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ladder={self.ladder.name!r}, backend={self.backend!r})"

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from collections.abc import Mapping, Sequence
@@ -93,14 +94,17 @@ class OpStep:
 
 @dataclass(frozen=True)
 class RandAugment:
-    """``n`` ops drawn per sample from ``pool`` (all registered non-mixing ops when empty) at ``magnitude``."""
+    """``n`` ops drawn per sample from ``pool`` at ``magnitude``; an empty pool means every registered op except
+    the sizing ops (``resized_crop`` chooses the image's frame, it is not one of RandAugment's picks)."""
 
     n: int
     magnitude: float
     pool: tuple[str, ...] = ()
 
     def ops(self) -> tuple[str, ...]:
-        return self.pool or tuple(sorted(_known_ops()))
+        from cycdata.augment_ladder.ops import SIZING_OPS
+
+        return self.pool or tuple(sorted(name for name in _known_ops() if name not in SIZING_OPS))
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,37 @@ class Ladder:
             if magnitude > 0:
                 images, soft = mix_batch(images, soft, kind, min(1.0, magnitude), generator)
         return images, soft
+
+    def sizing_magnitude(self, strength: float, op: str = "resized_crop") -> float:
+        """The expected magnitude of ``op`` at ``strength``: the rungs' own (0 where a rung lacks it, times its
+        probability), weighted as :meth:`apply` weights the two rungs. A loader that can only crop a whole batch
+        at one setting (ffcv's decoder) crops at this one.
+
+        Example:
+            >>> builtin_ladder("imagenet").sizing_magnitude(0.1)
+            0.25
+        """
+        lower, upper_weight = self.position(strength)
+
+        def magnitude(rung: Rung) -> float:
+            return next((step.magnitude * step.probability for step in rung.steps if step.op == op), 0.0)
+
+        value = (1.0 - upper_weight) * magnitude(self.rungs[lower])
+        if upper_weight > 0:
+            value += upper_weight * magnitude(self.rungs[lower + 1])
+        return value
+
+    def without(self, ops: frozenset[str] | set[str]) -> Ladder:
+        """The ladder with the explicit steps of ``ops`` removed from every rung (for a loader that applied them
+        already, such as a crop done while decoding).
+
+        Example:
+            >>> [len(rung.steps) for rung in builtin_ladder("imagenet").without({"resized_crop"}).rungs][:3]
+            [0, 1, 1]
+        """
+        rungs = tuple(dataclasses.replace(rung, steps=tuple(step for step in rung.steps if step.op not in ops))
+                      for rung in self.rungs)
+        return dataclasses.replace(self, rungs=rungs)
 
     @property
     def mixes(self) -> bool:
@@ -410,6 +445,27 @@ LADDERS: dict[str, dict[str, Any]] = {
             },
         ]
     },
+    # Large images (ImageNet-style folders at 224 px): the frame first, a random-resized crop growing from the
+    # evaluation crop (m = 0) to timm's RandomResizedCrop (m = 1) with flips, then RandAugment-like rungs.
+    "imagenet": {
+        "rungs": [
+            [],
+            [{"op": "resized_crop", "magnitude": 0.5}, {"op": "hflip", "magnitude": 1.0}],
+            [{"op": "resized_crop", "magnitude": 1.0}, {"op": "hflip", "magnitude": 1.0}],
+            {
+                "ops": [{"op": "resized_crop", "magnitude": 1.0}, {"op": "hflip", "magnitude": 1.0}],
+                "randaugment": {"n": 2, "magnitude": 0.3, "pool": _GEOMETRIC_POOL + _PHOTOMETRIC_POOL},
+            },
+            {
+                "ops": [{"op": "resized_crop", "magnitude": 1.0}, {"op": "hflip", "magnitude": 1.0}],
+                "randaugment": {"n": 2, "magnitude": 0.6, "pool": _GEOMETRIC_POOL + _PHOTOMETRIC_POOL},
+            },
+            {
+                "ops": [{"op": "resized_crop", "magnitude": 1.0}, {"op": "hflip", "magnitude": 1.0}],
+                "randaugment": {"n": 2, "magnitude": 0.9, "pool": _GEOMETRIC_POOL + _PHOTOMETRIC_POOL},
+            },
+        ]
+    },
     # Digits: no flips, no colour; small shifts and rotations first, then stronger geometry and cutout.
     "digits": {
         "rungs": [
@@ -433,7 +489,7 @@ LADDERS: dict[str, dict[str, Any]] = {
 
 
 def builtin_ladder(name: str) -> Ladder:
-    """One of the built-in ladders: ``none``, ``flips``, ``default``, ``digits``."""
+    """One of the built-in ladders: ``none``, ``flips``, ``default``, ``imagenet`` (large images), ``digits``."""
     if name not in LADDERS:
         raise LadderError(
             f"unknown built-in ladder {name!r}{_suggest(name, list(LADDERS))}; built-ins: {', '.join(LADDERS)}"

@@ -34,7 +34,16 @@ invert         photometric  flip: 0 -> 0.5                      probability of i
 grayscale      photometric  weight: 0 -> 1                      blend with the greyscale image (no-op on 1 channel)
 blur           photometric  sigma: 0 -> 1.5                     Gaussian blur, sigma in pixels
 cutout         occlusion    side: 0 -> 0.5                      grey (0.5) square, side as a fraction of the size
+resized_crop   geometric    spread: 0 -> 1                      random-resized crop: 0 = the reference box, 1 = timm's
+                                                                RandomResizedCrop (scale 0.08..1, ratio 3/4..4/3)
 =============  ===========  ==================================  ===================================================
+
+``resized_crop`` is the large-image regime's crop. On a batch it crops inside each image and resizes the box
+back to the image's size (the reference box at ``m = 0`` is the whole image). On one full decoded image
+(:meth:`cycdata.loaders.ImageFileDataset.resized_crop`, DataLoader workers) the same draws place the box in
+the full image, the reference is the evaluation crop (:data:`CROP_PCT`), and the box is resized to the
+model's image size: ``m = 0`` is exactly the evaluation transform. :func:`crop_boxes` maps the draws to boxes
+for both. It is a *sizing* op (:data:`SIZING_OPS`): RandAugment pools without an explicit list leave it out.
 
 Example:
     >>> import torch
@@ -57,7 +66,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["KINDS", "MIX_KINDS", "OPS", "Op", "apply_per_sample", "mix_batch", "register_op"]
+__all__ = ["CROP_PCT", "KINDS", "MIX_KINDS", "OPS", "RRC_RATIO", "RRC_SCALE", "SIZING_OPS", "Op", "apply_per_sample",
+           "crop_boxes", "mix_batch", "register_op"]
 
 KINDS = ("geometric", "photometric", "occlusion")
 MIX_KINDS = ("mixup", "cutmix")
@@ -69,6 +79,14 @@ _LUMA = (0.299, 0.587, 0.114)
 _BLUR_RADIUS = 5
 # Cutout fills with mid grey: the neutral value of [0, 1] images (0 is black, not the mean).
 _CUTOUT_FILL = 0.5
+# The random-resized crop at m = 1: torchvision's and timm's RandomResizedCrop defaults, the crop's area as a
+# fraction of the image's and its aspect ratio (width / height).
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+# timm's evaluation crop (crop_pct): the shorter side is resized to size / 0.875, then the centre size x size.
+CROP_PCT = 0.875
+# Ops that choose the image's frame (they act first, on the full image, in the worker path).
+SIZING_OPS = frozenset({"resized_crop"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,6 +612,72 @@ def _cutout(images: Tensor, side: Tensor, center_x: Tensor, center_y: Tensor) ->
     return images.masked_fill(mask, _CUTOUT_FILL)
 
 
+def crop_boxes(height: float | Tensor, width: float | Tensor, spread: Tensor, area: Tensor, aspect: Tensor,
+               offset_x: Tensor, offset_y: Tensor,
+               reference: tuple[float | Tensor, float | Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sample crop boxes ``(top, left, box_height, box_width)`` in pixels (floats) for ``resized_crop``.
+
+    Each draw moves from the reference box (``spread = 0``: ``reference = (h0, w0)`` centred, by default the
+    whole image) towards timm's RandomResizedCrop draw (``spread = 1``), linearly in area, in log aspect ratio
+    and in position: ``area_px = a0 + m·(s·H·W - a0)`` with ``s = 0.08 + 0.92·area``, ``log r = log r0 +
+    m·(log r_timm - log r0)``, ``left = (W - w)·(0.5 + m·(offset_x - 0.5))``. So the range of scales and
+    ratios grows with ``m``, from the reference alone to timm's ``(0.08, 1)`` and ``(3/4, 4/3)``. A box wider
+    or taller than the image is clamped to it (timm retries ten times, then falls back to a centre crop;
+    clamping keeps one draw per sample whatever the magnitude).
+
+    Args:
+        height, width: The image's size in pixels.
+        spread: ``m`` per sample ``[B]``.
+        area, aspect, offset_x, offset_y: Uniform draws in [0, 1) per sample ``[B]``.
+        reference: ``(h0, w0)`` of the box at ``m = 0`` (default: the whole image).
+
+    Returns:
+        Four float tensors ``[B]``.
+
+    Example:
+        >>> import torch
+        >>> half = torch.full((1,), 0.5)
+        >>> [round(float(v), 3) for v in crop_boxes(100, 200, torch.zeros(1), half, half, half, half)]
+        [0.0, 0.0, 100.0, 200.0]
+        >>> top, left, h, w = crop_boxes(100, 100, torch.ones(1), torch.zeros(1), half, half, half)
+        >>> round(float(h * w) / 100 ** 2, 3)  # timm's smallest area at m = 1
+        0.08
+    """
+    spread = spread.to(torch.float32)
+    ref_h, ref_w = (height, width) if reference is None else reference
+    ref_h, ref_w = (torch.as_tensor(value, dtype=torch.float32) for value in (ref_h, ref_w))
+    full_h, full_w = (torch.as_tensor(value, dtype=torch.float32) for value in (height, width))
+    scale = RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * area.to(torch.float32)
+    pixels = ref_h * ref_w + spread * (scale * full_h * full_w - ref_h * ref_w)
+    low, high = math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1])
+    log_ratio = torch.log(ref_w / ref_h)
+    log_ratio = log_ratio + spread * (low + (high - low) * aspect.to(torch.float32) - log_ratio)
+    ratio = torch.exp(log_ratio)
+    box_w = torch.minimum(torch.sqrt(pixels * ratio), full_w)
+    box_h = torch.minimum(torch.sqrt(pixels / ratio), full_h)
+    left = (full_w - box_w) * (0.5 + spread * (offset_x.to(torch.float32) - 0.5))
+    top = (full_h - box_h) * (0.5 + spread * (offset_y.to(torch.float32) - 0.5))
+    return top, left, box_h, box_w
+
+
+def _resized_crop(images: Tensor, spread: Tensor, area: Tensor, aspect: Tensor, offset_x: Tensor,
+                  offset_y: Tensor) -> Tensor:
+    """Crop each image to its box (crop_boxes) and resize it back to the image's size, bilinear; spread 0 -> 1."""
+    batch, _, height, width = images.shape
+    # 0-dim CPU tensors (the sizes) combine with tensors on any device, so the boxes stay where the images are.
+    top, left, box_h, box_w = (value.to(images.dtype) for value in crop_boxes(
+        height, width, spread, area, aspect, offset_x, offset_y))
+    zero = torch.zeros_like(top)
+    # affine_grid's normalized coordinates: the box's centre and half-extent as fractions of the image.
+    center_x = (left + box_w / 2) / width * 2 - 1
+    center_y = (top + box_h / 2) / height * 2 - 1
+    theta = torch.stack([torch.stack([box_w / width, zero, center_x], -1),
+                         torch.stack([zero, box_h / height, center_y], -1)], 1)
+    grid = F.affine_grid(theta, [batch, images.shape[1], height, width], align_corners=False)
+    # The box lies inside the image: border padding only guards the last half pixel against zero bleed.
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False).clamp(0, 1)
+
+
 for _op in (
     Op("hflip", "geometric", {"flip": (0.0, 0.5)}, fn=_hflip, bernoulli=("flip",)),
     Op("crop", "geometric", {"max_shift": (0.0, 0.25)}, fn=_crop, positions=("offset_x", "offset_y")),
@@ -616,6 +700,8 @@ for _op in (
     Op("grayscale", "photometric", {"weight": (0.0, 1.0)}, fn=_grayscale),
     Op("blur", "photometric", {"sigma": (0.0, 1.5)}, fn=_blur),
     Op("cutout", "occlusion", {"side": (0.0, 0.5)}, fn=_cutout, positions=("center_x", "center_y")),
+    Op("resized_crop", "geometric", {"spread": (0.0, 1.0)}, fn=_resized_crop,
+       positions=("area", "aspect", "offset_x", "offset_y")),
 ):
     register_op(_op)
 del _op

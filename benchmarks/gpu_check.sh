@@ -28,3 +28,14 @@ python3 benchmarks/hooks_overhead.py --repeats 6 --dataset synthetic:50000 --sam
 echo "== torch.compile path"
 python3 -m cycdata.train.cli train epochs=3 runtime.compile=true runtime.progress=false --out /tmp/gpu-compiled 2>&1 \
     | tee "$OUT/compile.log"
+
+echo "== 224-px folder: images/s of the folder path against timm's loader, and a 224-px run through workers"
+# Both loaders on the same written folder, same workers and batch size (CPU decoding; the GPU only trains).
+python3 benchmarks/folder_loader.py --images 2048 --workers 8 --batch-size 128 --size 224 --epochs 3 2>&1 \
+    | tee "$OUT/folder_loader.txt"
+FOLDER=$(mktemp -d)
+python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
+from folder_loader import write_folder; write_folder(Path('$FOLDER'), 1280)"
+time (python3 -m cycdata.train.cli train data.dataset=folder:$FOLDER data.image_size=224 model=resnet18 epochs=3 \
+    data.placement=workers data.num_workers=8 data.batch_size=128 runtime.progress=false --out /tmp/gpu-folder224 \
+    2>&1 | tee "$OUT/folder224.log")

@@ -10,8 +10,10 @@
   ``PATH`` is the folder that holds ``cifar-10-batches-py`` (``cifar-100-python``) or that folder itself.
   The pickles are read with an unpickler that builds only numpy arrays and plain data: a batch file that
   asks for any other Python object is refused, never run.
-* ``folder:PATH``: an ImageFolder tree, decoded lazily; ``PATH/train`` + ``PATH/val`` (or ``PATH/test``) are used as
-  the splits, otherwise the single tree ``PATH/<class>/<image>`` is split 80/20 per class.
+* ``folder:PATH``: an ImageFolder tree, decoded lazily (one file per item, nothing held in memory);
+  ``PATH/train`` + ``PATH/val`` (or ``PATH/test``) are used as the splits, otherwise the single tree
+  ``PATH/<class>/<image>`` is split 80/20 per class. Items are timm's evaluation transform at ``image_size``
+  (default 64): shorter side to ``image_size / 0.875``, centre crop; see :class:`ImageFileDataset`.
 * ``synthetic:N``: ``N`` train and ``max(N // 5, 10)`` test images, 3x32x32, 10 classes, learnable.
 * ``beton:PATH``: files written by ``cycdata convert`` (see :mod:`cycdata.loaders.ffcv_loader`); needs ffcv.
 
@@ -30,12 +32,14 @@ Example:
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import gzip
 import importlib.resources
+import math
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +58,8 @@ SPEC_FORMS = "mnist5k, digits, cifar10:PATH, cifar100:PATH, folder:PATH, beton:P
 _SPLIT_SEED = 0
 _TRAIN_FRACTION = 0.8
 _FOLDER_DEFAULT_SIZE = 64
+# timm's evaluation crop_pct (see ImageFileDataset); the same value as cycdata.augment_ladder.ops.CROP_PCT.
+_CROP_PCT = 0.875
 # ImageFolder trees are decoded lazily, so their statistics are not computed; these constants describe a
 # generic natural-image distribution well enough for normalization.
 _FOLDER_MEAN = (0.5, 0.5, 0.5)
@@ -117,12 +123,19 @@ class TensorImageDataset(Dataset[tuple[torch.Tensor, int]]):
 
 
 class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Image files decoded lazily: PIL -> RGB -> resize (shorter side) -> center crop -> uint8 3xSxS tensor.
+    """Image files decoded lazily, one per item: nothing is decoded ahead or kept, so a folder of any size
+    streams through DataLoader workers.
+
+    An item is the evaluation transform at ``image_size`` (timm's): the shorter side resized to
+    ``floor(image_size / crop_pct)`` (bilinear, antialiased), then the centre ``image_size`` square. With
+    ``crop_pct=1`` the shorter side is resized to the image size itself. :meth:`resized_crop` is the training
+    view: a random-resized crop of the full image at a magnitude, ``0`` being exactly the item.
 
     Args:
         samples: ``(path, label)`` pairs, as built by torchvision's ``make_dataset``.
         classes: class names, index = label.
         image_size: output side ``S``.
+        crop_pct: the evaluation crop's share of the resized shorter side (timm's ``crop_pct``, 0.875).
 
     Example:
         >>> import os, tempfile
@@ -134,20 +147,53 @@ class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
         (torch.Size([3, 16, 16]), torch.uint8, 200, 0)
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], image_size: int) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], image_size: int,
+                 crop_pct: float = _CROP_PCT) -> None:
+        if not 0.0 < crop_pct <= 1.0:
+            raise DatasetError(f"crop_pct must be in (0, 1], got {crop_pct!r}; timm's default is {_CROP_PCT}")
         self.samples = list(samples)
         self.classes = tuple(classes)
         self.image_size = image_size
+        self.crop_pct = crop_pct
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         """Return ``(uint8 3xSxS image, int label)``, decoding the file now; a damaged file is a DatasetError."""
         path, label = self.samples[index]
-        try:
-            return _decode_image(path, self.image_size), label
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's decode errors
-            message = " ".join(str(error).split())
-            raise DatasetError(f"folder: cannot decode {path} ({message}); replace or remove the file") from None
+        with _decode_errors(path):
+            return _decode_image(path, self.image_size, self.crop_pct), label
+
+    def resized_crop(self, index: int, magnitude: float,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+        """``(uint8 3xSxS image, label)``: a random-resized crop of the full image at ``magnitude`` in [0, 1].
+
+        The parameters come from ``OPS["resized_crop"].draw`` (the same number of draws at every magnitude) and
+        place the box in the full image with :func:`~cycdata.augment_ladder.ops.crop_boxes`, the evaluation
+        crop being the reference: ``magnitude = 0`` returns exactly ``self[index]``, ``1`` is timm's
+        RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3)). The box is resized to ``S x S`` (bilinear,
+        antialiased); a JPEG is decoded at the smallest DCT scale that still covers the box at ``S`` pixels
+        (PIL ``draft``), so decoding cost follows the output size.
+
+        Example:
+            >>> import os, tempfile
+            >>> with tempfile.TemporaryDirectory() as tmp:
+            ...     path = os.path.join(tmp, "a.png")
+            ...     Image.new("RGB", (48, 40), color=(9, 99, 199)).save(path)
+            ...     data = ImageFileDataset([(path, 0)], classes=["a"], image_size=16)
+            ...     crop, _ = data.resized_crop(0, 1.0, torch.Generator().manual_seed(0))
+            ...     same = torch.equal(data.resized_crop(0, 0.0)[0], data[0][0])
+            >>> crop.shape, crop[:, 0, 0].tolist(), same
+            (torch.Size([3, 16, 16]), [9, 99, 199], True)
+        """
+        from cycdata.augment_ladder.ops import OPS
+
+        path, label = self.samples[index]
+        # Drawn before anything else, at every magnitude: the seeded stream stays aligned whatever the schedule.
+        params = OPS["resized_crop"].draw(torch.tensor([float(magnitude)]), generator)
+        if magnitude == 0:
+            return self[index]
+        with _decode_errors(path):
+            return _decode_crop(path, self.image_size, self.crop_pct, params), label
 
     def __len__(self) -> int:
         """Number of images."""
@@ -191,7 +237,8 @@ def load_dataset(spec: str, *, image_size: int | None = None) -> DatasetSplits:
         spec: ``mnist5k``, ``digits``, ``cifar10:PATH``, ``cifar100:PATH``, ``folder:PATH``, ``beton:PATH`` or
             ``synthetic:N``.
         image_size: output side. In-memory datasets are resized once (bilinear, antialiased) when it differs from
-            their native 32; ``folder`` defaults to 64.
+            their native 32; ``folder`` defaults to 64 (each file decoded when read, at this size); a ``beton``
+            of variable-size JPEGs (``cycdata convert folder:PATH ... --jpeg Q``) is cropped to it when decoded.
 
     Returns:
         The splits, with per-channel mean/std.
@@ -222,21 +269,64 @@ def load_dataset(spec: str, *, image_size: int | None = None) -> DatasetSplits:
         if scheme == "beton":
             from .ffcv_loader import load_beton
 
-            return load_beton(path)
+            return load_beton(path, image_size=image_size)
         if scheme == "folder":
             return _load_folder(path, image_size or _FOLDER_DEFAULT_SIZE)
         return _load_cifar(_CIFAR_LAYOUTS[scheme], path, image_size)
     raise DatasetError(f"unknown dataset spec {spec!r}; allowed forms: {SPEC_FORMS}")
 
 
-def _decode_image(path: str | os.PathLike[str], size: int) -> torch.Tensor:
-    """Decode one image file to a uint8 ``3 x size x size`` tensor: RGB, shorter side resized, center crop.
+@contextlib.contextmanager
+def _decode_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """PIL's decode errors as one :class:`DatasetError` line naming the file and the fix."""
+    try:
+        yield
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's decode errors
+        message = " ".join(str(error).split())
+        raise DatasetError(f"folder: cannot decode {path} ({message}); replace or remove the file") from None
 
-    Resize and crop follow torchvision's ``Resize(size)`` + ``CenterCrop(size)`` on PIL images (bilinear).
+
+def _open_rgb(path: str | os.PathLike[str], box: tuple[float, float, float, float], size: int
+              ) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Decode ``path`` as RGB at the smallest JPEG DCT scale whose pixels still cover ``box`` (left, top,
+    right, bottom, in full-size pixels) at ``size`` pixels a side; returns the image and the box in its pixels.
+
+    ``Image.draft`` only shrinks (by 1/2, 1/4 or 1/8) while the result stays at least the requested size, and
+    only for JPEG; other formats decode at full size.
+    """
+    with Image.open(path) as opened:
+        width, height = opened.size
+        shrink = min((box[2] - box[0]) / size, (box[3] - box[1]) / size)
+        if shrink >= 2:
+            opened.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
+        image = opened.convert("RGB")
+    sx, sy = image.size[0] / width, image.size[1] / height
+    return image, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def _eval_box(width: int, height: int, size: int, crop_pct: float) -> tuple[int, int, tuple[int, int, int, int]]:
+    """The evaluation transform's resized size ``(w, h)`` and its centre crop ``(left, top, right, bottom)``."""
+    resize = max(size, math.floor(size / crop_pct))
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = max(resize, int(resize * long / short))
+    new_w, new_h = (resize, new_long) if width <= height else (new_long, resize)
+    # Same rounding as torchvision's center_crop so both pipelines pick the same pixels.
+    left, top = round((new_w - size) / 2.0), round((new_h - size) / 2.0)
+    return new_w, new_h, (left, top, left + size, top + size)
+
+
+def _decode_image(path: str | os.PathLike[str], size: int, crop_pct: float = 1.0) -> torch.Tensor:
+    """Decode one image file to a uint8 ``3 x size x size`` tensor: the evaluation transform.
+
+    RGB, the shorter side resized to ``floor(size / crop_pct)``, then the centre ``size`` square: torchvision's
+    ``Resize(floor(size / crop_pct))`` + ``CenterCrop(size)`` on PIL images (bilinear), timm's evaluation
+    transform. A large JPEG is decoded at a reduced DCT scale first (PIL ``draft``) when that still leaves at
+    least the resized size.
 
     Args:
         path: image file.
         size: output side.
+        crop_pct: the crop's share of the resized shorter side (1: resize the shorter side to ``size``).
 
     Returns:
         uint8 tensor ``[3, size, size]``.
@@ -251,17 +341,35 @@ def _decode_image(path: str | os.PathLike[str], size: int) -> torch.Tensor:
         (torch.Size([3, 8, 8]), [255, 0, 0])
     """
     with Image.open(path) as opened:
+        width, height = opened.size
+        new_w, new_h, _ = _eval_box(width, height, size, crop_pct)
+        if min(width / new_w, height / new_h) >= 2:
+            opened.draft("RGB", (new_w, new_h))
         image = opened.convert("RGB")
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_long = max(size, int(size * long / short))
-    new_size = (size, new_long) if width <= height else (new_long, size)
-    if new_size != image.size:
-        image = image.resize(new_size, Image.Resampling.BILINEAR)
-    # Same rounding as torchvision's center_crop so both pipelines pick the same pixels.
-    left = round((new_size[0] - size) / 2.0)
-    top = round((new_size[1] - size) / 2.0)
-    image = image.crop((left, top, left + size, top + size))
+    new_w, new_h, crop = _eval_box(image.size[0], image.size[1], size, crop_pct)
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    return _to_tensor(image.crop(crop))
+
+
+def _decode_crop(path: str | os.PathLike[str], size: int, crop_pct: float, params: dict[str, torch.Tensor]
+                 ) -> torch.Tensor:
+    """The random-resized crop ``params`` (one sample's ``OPS["resized_crop"].draw``) of the full image at
+    ``size x size``: the box from ``crop_boxes`` with the evaluation crop's source square as the reference."""
+    from cycdata.augment_ladder.ops import crop_boxes
+
+    with Image.open(path) as opened:
+        width, height = opened.size
+    new_w, _, _ = _eval_box(width, height, size, crop_pct)
+    reference = size * width / new_w  # the evaluation crop's side in full-size pixels
+    top, left, box_h, box_w = (float(value[0]) for value in crop_boxes(
+        height, width, params["spread"], params["area"], params["aspect"], params["offset_x"], params["offset_y"],
+        reference=(reference, reference)))
+    image, box = _open_rgb(path, (left, top, left + box_w, top + box_h), size)
+    return _to_tensor(image.resize((size, size), Image.Resampling.BILINEAR, box=box))
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 

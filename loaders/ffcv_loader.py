@@ -16,6 +16,18 @@ in its own traversal order and updates the loader's first order each epoch (SETU
 its pipeline once, with its operations' parameters frozen, so augmentation is never an ffcv operation
 here: the ladder runs on the decoded batches, and strength changes need no recompilation.
 
+**ImageNet-style files.** ``cycdata convert folder:PATH OUT.beton --jpeg 90 --max-resolution 256`` stores
+each image whole, as JPEG, its longer side shrunk to at most 256 (``variable_size`` in the ``.json``). Such
+files are read back at the run's image size by ffcv's crop decoders, so decoding cost follows the output
+size: the test split (and every split without a ladder) through ``CenterCropRGBImageDecoder`` (the
+evaluation crop, ratio 0.875), the training split under a ladder with a ``resized_crop`` rung through
+``RandomResizedCropRGBImageDecoder`` at the batch's crop magnitude (:meth:`Ladder.sizing_magnitude
+<cycdata.augment_ladder.ladder.Ladder.sizing_magnitude>`, in steps of 1/8, one compiled ffcv pipeline per
+step in use; magnitude 0 is the centre crop). ffcv's crop takes fixed ranges, so the magnitude ``m`` maps to
+scale ``(0.875² + m·(0.08 - 0.875²), 0.875² + m·(1 - 0.875²))`` and ratio ``((3/4)^m, (4/3)^m)``: the worker
+path's ranges (:func:`~cycdata.augment_ladder.ops.crop_boxes`) for a square image, with ffcv's uniform
+position at every ``m``.
+
 ffcv is an optional extra, imported only when a ``.beton`` is written or read.
 
 Example:
@@ -36,6 +48,7 @@ import ctypes
 import dataclasses
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import queue
@@ -55,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .datasets import DatasetError, DatasetSplits, TensorImageDataset, load_dataset
+from .datasets import DatasetError, DatasetSplits, ImageFileDataset, TensorImageDataset, load_dataset
 
 __all__ = [
     "FFCV_MISSING",
@@ -88,6 +101,9 @@ _CHUNK_BYTES = 64 << 20  # content digests hash chunks of this size in parallel 
 _CHUNK_SAMPLES = 256  # samples a writer process takes from the work queue at a time
 _RECONVERT = "re-run cycdata convert"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_WHOLE_DEFAULT_MAX = 512  # whole images without --max-resolution: the longer side bounded all the same
+_CROP_LEVELS = 8  # ffcv's crop magnitude steps (one compiled pipeline per step in use)
+_CROP_PCT = 0.875  # timm's evaluation crop, as in datasets.ImageFileDataset
 
 # ffcv 1.0.2's on-disk layout (ffcv/types.py), mirrored here so a bad file is checked with numpy alone,
 # before any ffcv code (whose reader trusts the header) touches it.
@@ -150,6 +166,7 @@ class BetonInfo:
     splits: dict[str, dict[str, Any]]  # split -> {"samples": N, "bytes": file size, "sha256": content digest}
     source: str = ""
     format: int = FORMAT_VERSION
+    variable_size: bool = False  # whole JPEGs of any size (longer side <= image_size), cropped when decoded
     chunk_bytes: int = _CHUNK_BYTES  # the content digest's chunk size
 
     def to_json(self) -> str:
@@ -211,6 +228,9 @@ def _description_problem(raw: dict[str, Any]) -> str | None:
     if not isinstance(splits, dict) or sorted(splits) != sorted(SPLITS) or not all(
             isinstance(s, dict) and whole(s.get("samples"), 0) and whole(s.get("bytes"), 0) for s in splits.values()):
         return f"splits must map {list(SPLITS)} to their samples and bytes"
+    variable = raw.get("variable_size", False)
+    if not isinstance(variable, bool) or (variable and raw["encoding"] != "jpeg"):
+        return "variable_size must be true or false (true only with jpeg encoding)"
     if not whole(raw.get("chunk_bytes", _CHUNK_BYTES), 1):
         return "chunk_bytes must be a positive integer"
     return None
@@ -381,6 +401,31 @@ class _WritableSplit:
         return np.ascontiguousarray(image.numpy()), int(label), index
 
 
+class _WholeImages(_WritableSplit):
+    """Items of an image-file dataset as whole RGB images (HWC), the longer side shrunk to ``image_size`` at most
+    (PIL, antialiased): what ffcv's crop decoders read back at any size."""
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
+        from PIL import Image
+
+        path, label = self.dataset.samples[index]  # type: ignore[attr-defined]
+        try:
+            with Image.open(path) as opened:
+                width, height = opened.size
+                shrink = max(width, height) / self.image_size
+                if shrink >= 2:  # a JPEG decodes at a reduced DCT scale (never below the target)
+                    opened.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
+                image = opened.convert("RGB")
+            if max(image.size) > self.image_size:
+                ratio = self.image_size / max(image.size)
+                image = image.resize((max(1, round(image.size[0] * ratio)), max(1, round(image.size[1] * ratio))),
+                                     Image.Resampling.BILINEAR)
+        except Exception as error:  # raised in a writer process: it travels to the main process as one line
+            raise _SampleError(f"cannot read {self.split} sample {index} ({path}): {' '.join(str(error).split())}; "
+                               f"fix or remove it, then {_RECONVERT}") from None
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8)), int(label), index
+
+
 def _sample_file(dataset: Dataset, index: int, error: Exception) -> str:
     """`` (PATH)`` for datasets of files (``samples`` of ``(path, label)``) when the error does not name it."""
     samples = getattr(dataset, "samples", None)
@@ -403,7 +448,10 @@ def convert(dataset: str | DatasetSplits, out: str | os.PathLike[str], *, jpeg_q
         out: ``NAME.beton``; ``NAME.train.beton``, ``NAME.test.beton`` and ``NAME.json`` are written.
         jpeg_quality: store JPEG at this quality (1..100) instead of raw pixels (smaller, slower to read;
             1-channel images are stored as gray RGB and read back as 1 channel).
-        max_resolution: shrink images whose side is larger than this (bilinear, antialiased).
+        max_resolution: shrink images whose side is larger than this (bilinear, antialiased). An image-file
+            dataset (``folder:PATH``) with ``jpeg_quality`` is stored whole instead (ImageNet-style): each
+            image keeps its aspect ratio, its longer side shrunk to ``max_resolution`` at most, and is cropped to
+            the run's image size when read.
         overwrite: replace existing files (otherwise existing files are an error, and nothing is written).
         progress: show ffcv's progress bar.
         num_workers: writer processes (default: the CPU count, at most 8).
@@ -427,8 +475,12 @@ def convert(dataset: str | DatasetSplits, out: str | os.PathLike[str], *, jpeg_q
     splits = load_dataset(dataset) if isinstance(dataset, str) else dataset
     size = splits.image_size if max_resolution is None else min(splits.image_size, int(max_resolution))
     jpeg = jpeg_quality is not None
+    whole = jpeg and all(isinstance(getattr(splits, split), ImageFileDataset) for split in SPLITS)
+    if whole:
+        size = int(max_resolution) if max_resolution is not None else _WHOLE_DEFAULT_MAX
     image_field = (RGBImageField(write_mode="jpg", jpeg_quality=int(jpeg_quality)) if jpeg
                    else NDArrayField(np.dtype("uint8"), (splits.in_chans, size, size)))
+    writable = _WholeImages if whole else _WritableSplit
     # Each writer process fills pages of its own: few processes and small pages keep small datasets small.
     workers = num_workers or max(1, min(8, os.cpu_count() or 1, len(splits.train) // 2000))
     paths["info"].parent.mkdir(parents=True, exist_ok=True)
@@ -443,13 +495,14 @@ def convert(dataset: str | DatasetSplits, out: str | os.PathLike[str], *, jpeg_q
                                                page_size=_PAGE_SIZE)
             if progress:
                 print(f"writing {split}: {len(part)} images -> {paths[split]}", flush=True)
-            _write_watched(writer, _WritableSplit(part, size, jpeg, split), progress)
+            _write_watched(writer, writable(part, size, jpeg, split), progress)
             written[split] = {"samples": len(part), "bytes": partial[split].stat().st_size,
                               "sha256": beton_digest(partial[split])}
         info = BetonInfo(name=splits.name, num_classes=splits.num_classes, in_chans=splits.in_chans,
                          image_size=size, mean=tuple(splits.mean), std=tuple(splits.std),
                          encoding="jpeg" if jpeg else "raw", jpeg_quality=int(jpeg_quality) if jpeg else None,
-                         splits=written, source=dataset if isinstance(dataset, str) else splits.name)
+                         splits=written, source=dataset if isinstance(dataset, str) else splits.name,
+                         variable_size=whole)
         partial["info"].write_text(info.to_json())
         for key in (*SPLITS, "info"):  # the description last: it vouches for the files beside it
             os.replace(partial[key], paths[key])
@@ -551,11 +604,37 @@ def _raise_on_writer_failure(processes: Sequence[Any], errors: Any) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _image_pipeline(info: BetonInfo, device: torch.device | None) -> list[Any]:
+def crop_ranges(magnitude: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """ffcv's ``(scale, ratio)`` for a random-resized crop at ``magnitude``: from the evaluation crop's area
+    (0.875², ratio 1) at 0 to timm's ``(0.08, 1)`` and ``(3/4, 4/3)`` at 1 (see the module docstring).
+
+    Example:
+        >>> crop_ranges(1.0)
+        ((0.08, 1.0), (0.75, 1.3333333333333333))
+    """
+    from cycdata.augment_ladder.ops import RRC_RATIO, RRC_SCALE
+
+    base = _CROP_PCT**2
+    scale = ((1 - magnitude) * base + magnitude * RRC_SCALE[0], (1 - magnitude) * base + magnitude * RRC_SCALE[1])
+    return scale, (RRC_RATIO[0] ** magnitude, RRC_RATIO[1] ** magnitude)
+
+
+def _image_pipeline(info: BetonInfo, device: torch.device | None, image_size: int | None = None,
+                    crop: float = 0.0) -> list[Any]:
     from ffcv.fields.decoders import NDArrayDecoder, SimpleRGBImageDecoder
     from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-    if info.encoding == "jpeg":
+    if info.variable_size:
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+
+        side = (image_size or info.image_size,) * 2
+        if crop > 0:
+            scale, ratio = crop_ranges(crop)
+            decoder: Any = RandomResizedCropRGBImageDecoder(side, scale=scale, ratio=ratio)
+        else:
+            decoder = CenterCropRGBImageDecoder(side, ratio=_CROP_PCT)
+        pipeline = [decoder, ToTensor(), ToTorchImage(channels_last=False)]
+    elif info.encoding == "jpeg":
         pipeline = [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage(channels_last=False)]
     else:
         pipeline = [NDArrayDecoder(), ToTensor()]
@@ -585,9 +664,11 @@ class BetonDataset(Dataset[tuple[Tensor, int]]):
     Args:
         path: ``NAME.beton`` (or one of its split files).
         split: ``train`` or ``test``.
+        image_size: the side images are decoded at; only for variable-size files (``cycdata convert
+            folder:PATH ... --jpeg Q``), which are centre-cropped to it (default: the files' longest side).
     """
 
-    def __init__(self, path: str | os.PathLike[str], split: str = "train") -> None:
+    def __init__(self, path: str | os.PathLike[str], split: str = "train", image_size: int | None = None) -> None:
         require_ffcv()
         if split not in SPLITS:
             raise BetonError(f"split must be one of {SPLITS}, got {split!r}")
@@ -595,6 +676,12 @@ class BetonDataset(Dataset[tuple[Tensor, int]]):
         self.split = split
         self.file = self.paths[split]
         self.info = BetonInfo.read(self.paths["info"])
+        if image_size is not None and image_size != self.info.image_size and not self.info.variable_size:
+            raise BetonError(f"{self.paths['train'].with_suffix('').with_suffix('.beton')} holds "
+                             f"{self.info.image_size}x{self.info.image_size} images, image_size {image_size} asks for "
+                             "another size; use image_size null, or convert the folder whole (cycdata convert "
+                             "folder:PATH OUT.beton --jpeg 90 --max-resolution 256) to read it at any size")
+        self.image_size = image_size or self.info.image_size
         expected = self.info.splits.get(split, {})
         checked = check_beton(self.file, expected.get("samples"), expected.get("bytes"))
         verify_beton(self.file, self.info, split)  # the structure can be intact around damaged pixels
@@ -613,13 +700,12 @@ class BetonDataset(Dataset[tuple[Tensor, int]]):
     @property
     def image_bytes(self) -> int:
         """Bytes of the decoded split as a uint8 tensor."""
-        return len(self) * self.info.in_chans * self.info.image_size**2
+        return len(self) * self.info.in_chans * self.image_size**2
 
     def decoded(self) -> TensorImageDataset:
         """The whole split decoded once into memory, in sample order."""
         if self._decoded is None:
-            images = torch.empty(len(self), self.info.in_chans, self.info.image_size, self.info.image_size,
-                                 dtype=torch.uint8)
+            images = torch.empty(len(self), self.info.in_chans, self.image_size, self.image_size, dtype=torch.uint8)
             loader = open_ffcv_loader(self, batch_size=_DECODE_BATCH, order=np.arange(len(self)), num_workers=None)
             for batch_images, _, batch_indices in _read_epoch(loader, self.info):
                 images[batch_indices] = batch_images
@@ -627,12 +713,13 @@ class BetonDataset(Dataset[tuple[Tensor, int]]):
         return self._decoded
 
 
-def load_beton(path: str | os.PathLike[str]) -> DatasetSplits:
-    """``beton:PATH`` for :func:`cycdata.loaders.load_dataset`: both splits of a converted dataset."""
-    train, test = BetonDataset(path, "train"), BetonDataset(path, "test")
+def load_beton(path: str | os.PathLike[str], image_size: int | None = None) -> DatasetSplits:
+    """``beton:PATH`` for :func:`cycdata.loaders.load_dataset`: both splits of a converted dataset, at
+    ``image_size`` for variable-size files (a fixed-size file refuses another size)."""
+    train, test = BetonDataset(path, "train", image_size), BetonDataset(path, "test", image_size)
     info = train.info
     return DatasetSplits(name=info.name, train=train, test=test, num_classes=info.num_classes,
-                         in_chans=info.in_chans, image_size=info.image_size, mean=info.mean, std=info.std)
+                         in_chans=info.in_chans, image_size=train.image_size, mean=info.mean, std=info.std)
 
 
 class _OurOrder:
@@ -647,15 +734,17 @@ class _OurOrder:
 
 
 def open_ffcv_loader(dataset: BetonDataset, *, batch_size: int, order: np.ndarray, num_workers: int | None,
-                     device: torch.device | None = None) -> Any:
-    """An ffcv ``Loader`` over ``dataset`` whose order and batch size we set before each epoch."""
+                     device: torch.device | None = None, crop: float = 0.0) -> Any:
+    """An ffcv ``Loader`` over ``dataset`` whose order and batch size we set before each epoch (``crop``: the
+    random-resized crop magnitude of a variable-size file, 0 for the centre crop)."""
     require_ffcv()
     from ffcv.loader import Loader, OrderOption
 
     threads = torch.get_num_threads()
     loader = Loader(str(dataset.file), batch_size=batch_size, num_workers=num_workers or min(8, os.cpu_count() or 1),
                     os_cache=True, order=OrderOption.SEQUENTIAL, drop_last=False, seed=0,
-                    pipelines={"image": _image_pipeline(dataset.info, device), "label": _int_pipeline(device),
+                    pipelines={"image": _image_pipeline(dataset.info, device, dataset.image_size, crop),
+                               "label": _int_pipeline(device),
                                "index": _int_pipeline(device)})
     torch.set_num_threads(threads)  # ffcv sets torch's thread count to its own; training keeps ours
     # ffcv 1.0.2 rejects a custom order passed as order= (SETUP.md): swap ours in after construction.
@@ -689,7 +778,9 @@ class FFCVSource:
     The epoch's batches are laid end to end as ffcv's traversal order, decoded in chunks of the
     epoch's batch size, and cut back into the sampler's batches (which may differ in size, as in
     semi-supervised mode). The ``index`` field comes back with every sample; a mismatch with the
-    sampler's choice would mean a broken order and raises.
+    sampler's choice would mean a broken order and raises. A variable-size file is cropped while
+    decoding, each batch at its own crop magnitude (consecutive batches of one magnitude step share a
+    traversal; the two most recent steps keep their compiled ffcv loaders).
 
     Args:
         dataset: the split to read.
@@ -702,22 +793,49 @@ class FFCVSource:
         self.dataset = dataset
         self.num_workers = num_workers
         self.device = None if device is None else torch.device(device)
-        self._loader: Any = None
+        self._loaders: dict[float, Any] = {}  # crop step -> ffcv loader, most recently used last
+        self._loader: Any = None  # the loader of the latest run
 
-    def epoch(self, batches: Sequence[Sequence[int] | Tensor]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """Yield ``(images, labels, indices)`` for ``batches`` (lists or int64 tensors of indices), in order."""
+    @property
+    def crops(self) -> bool:
+        """Whether this source crops while decoding (a variable-size file)."""
+        return bool(self.dataset.info.variable_size)
+
+    def epoch(self, batches: Sequence[Sequence[int] | Tensor],
+              crops: Sequence[float] | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Yield ``(images, labels, indices)`` for ``batches`` (lists or int64 tensors of indices), in order;
+        ``crops``: each batch's random-resized crop magnitude (variable-size files; default 0, the centre crop)."""
         if not batches:
             return
+        levels = [0.0] * len(batches) if crops is None or not self.crops else [
+            round(float(crop) * _CROP_LEVELS) / _CROP_LEVELS for crop in crops]
+        start = 0
+        while start < len(batches):  # runs of batches at one crop step
+            stop = start
+            while stop < len(batches) and levels[stop] == levels[start]:
+                stop += 1
+            yield from self._run(batches[start:stop], levels[start])
+            start = stop
+
+    def _loader_for(self, crop: float, chunk: int, order: np.ndarray) -> Any:
+        loader = self._loaders.pop(crop, None)
+        if loader is None:
+            loader = open_ffcv_loader(self.dataset, batch_size=chunk, order=order, num_workers=self.num_workers,
+                                      device=self.device, crop=crop)
+        else:
+            _set_epoch_order(loader, order, chunk)
+        self._loaders[crop] = self._loader = loader
+        while len(self._loaders) > 2:  # each holds pinned decode buffers: keep the steps in use
+            self._loaders.pop(next(iter(self._loaders)))
+        return loader
+
+    def _run(self, batches: Sequence[Sequence[int] | Tensor], crop: float) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         lengths = [len(batch) for batch in batches]
         chunk = max(set(lengths), key=lengths.count)  # the epoch's batch size
         order = torch.cat([torch.as_tensor(batch, dtype=torch.long) for batch in batches]).numpy().astype(np.uint64)
-        if self._loader is None:
-            self._loader = open_ffcv_loader(self.dataset, batch_size=chunk, order=order, num_workers=self.num_workers,
-                                            device=self.device)
-        else:
-            _set_epoch_order(self._loader, order, chunk)
+        loader = self._loader_for(crop, chunk, order)
         pieces: list[tuple[Tensor, Tensor, Tensor]] = []  # decoded samples not yet handed out (a few chunks)
-        decoded = _read_epoch(self._loader, self.dataset.info)
+        decoded = _read_epoch(loader, self.dataset.info)
         for length, wanted in zip(lengths, batches):
             while sum(len(piece[2]) for piece in pieces) < length:
                 pieces.append(next(decoded))

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from torch.utils.data._utils.collate import default_collate
 
 from cycdata.ledger import LossLedger
-from cycdata.loaders.datasets import TensorImageDataset
+from cycdata.loaders.datasets import ImageFileDataset, TensorImageDataset
 from cycdata.plan import Plan
 from cycdata.samplers import (
     CyclicalBatchSampler,
@@ -189,9 +189,27 @@ class AugmentedDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, ...]) -> tuple[Any, int, int]:
+        if self._sized:
+            return self._sized_item(key)
         return self._finish(self.dataset[key[0]], key)
 
+    @property
+    def _sized(self) -> bool:
+        # cycdata's own image files are cropped from the full image, before the images of different sizes
+        # would be collated; any other dataset's __getitem__ runs as it is.
+        return self.transform is not None and isinstance(self.dataset, ImageFileDataset)
+
+    def _sized_item(self, key: tuple[int, ...]) -> tuple[Any, int, int]:
+        index, ticket, strength, seed = key[0], key[1], key[2], key[3]
+        dataset: ImageFileDataset = self.dataset  # type: ignore[assignment]
+        image = self.transform.sized(lambda magnitude, generator: dataset.resized_crop(index, magnitude, generator)[0],
+                                     strength, seed)
+        label = int(dataset.labels[index])
+        return ((image, label, strength) if self.with_strength else (image, label)), index, ticket
+
     def __getitems__(self, keys: list[tuple[int, ...]]) -> list[tuple[Any, int, int]]:
+        if self._sized:
+            return [self._sized_item(key) for key in keys]
         # A dataset with a batched fetch (Hugging Face datasets have one) keeps it.
         fetch = getattr(self.dataset, "__getitems__", None)
         items = fetch([key[0] for key in keys]) if fetch else [self.dataset[key[0]] for key in keys]
@@ -621,18 +639,27 @@ class CyclicalLoader:
     def _gather(self) -> Iterator[tuple[PlannedBatch, list[Tensor]]]:
         """Device-resident and ffcv data: batches of tensors (what default_collate would build); a ladder
         augments each whole batch where it lies, with per-sample parameters."""
+        ladder = self.ladder
         if self.placement == "ffcv":  # ffcv needs the epoch's whole order before it starts
             planned = list(self._planned_batches())
+            crops = None
+            if ladder is not None and self._source.crops:
+                # A variable-size file is cropped while decoding, at the crop the ladder gives each batch's
+                # strength; the batch then takes the rest of the ladder.
+                from cycdata.augment_ladder.ops import SIZING_OPS
+
+                crops = [ladder.sizing_magnitude(batch.strength) for batch in planned]
+                ladder = ladder.without(SIZING_OPS)
             gathered: Iterable[tuple[PlannedBatch, tuple[Tensor, ...]]] = zip(
-                planned, self._source.epoch([batch.indices for batch in planned]))
+                planned, self._source.epoch([batch.indices for batch in planned], crops))
         else:  # resident tensors: one gather per batch, when the batch is asked for
             take = self._source.take
             gathered = ((batch, take(batch.indices)) for batch in self._planned_batches())
         for batch, (images, labels, *_) in gathered:
-            if self.ladder is not None:
+            if ladder is not None:
                 generator = torch.Generator(images.device)
                 generator.manual_seed(self.seed * 1_000_003 + batch.epoch * 10_007 + batch.number)
-                pixels = self.ladder.apply(images.float() / 255.0, batch.strength, generator)
+                pixels = ladder.apply(images.float() / 255.0, batch.strength, generator)
                 images = (pixels * 255.0).round_().clamp_(0, 255).to(torch.uint8)
             # The sources return each batch's indices with it (ffcv from the file's index field) and refuse an
             # order other than the planned one, so the planned indices are the batch's (and stay ours: ffcv's
