@@ -393,7 +393,7 @@ class LossConfig:
         return 0.1 if self.name == "cyclical_focal" else 0.0
 
 
-LADDERS = ("auto", "none", "flips", "default", "digits")
+LADDERS = ("auto", "none", "flips", "default", "digits", "imagenet")
 
 
 def ladder(key_name: str, raw: Any, ctx: Mapping[str, Any]) -> str:

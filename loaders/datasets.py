@@ -163,6 +163,11 @@ class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
         with _decode_errors(path):
             return _decode_image(path, self.image_size, self.crop_pct), label
 
+    def subset(self, indices: Sequence[int]) -> ImageFileDataset:
+        """The same kind of dataset over the files at ``indices`` (a fixed training subset)."""
+        return ImageFileDataset([self.samples[i] for i in indices], self.classes, self.image_size,
+                                crop_pct=self.crop_pct)
+
     def resized_crop(self, index: int, magnitude: float,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
         """``(uint8 3xSxS image, label)``: a random-resized crop of the full image at ``magnitude`` in [0, 1].

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from cycdata.augment_ladder.ladder import Ladder, LadderError, load_ladder
 from cycdata.config import ConfigError, RunConfig, RunStopped
-from cycdata.loaders.datasets import DatasetSplits, TensorImageDataset, load_dataset
+from cycdata.loaders.datasets import DatasetSplits, ImageFileDataset, TensorImageDataset, load_dataset
 from cycdata.loaders.device_loader import fits_in_memory
 from cycdata.loaders.torch_loader import BatchLoader, CyclicalLoader
 from cycdata.plan import Plan
@@ -187,11 +187,14 @@ def limit_train(data: DatasetSplits, count: int | None) -> DatasetSplits:
                           f"give at least {data.num_classes} (one sample per class), or null for all")
     labels = getattr(data.train, "labels", None)
     images = getattr(data.train, "images", None)
-    if not isinstance(labels, Tensor) or not isinstance(images, Tensor):
-        raise ConfigError("data.train_limit", f"needs an in-memory dataset; {data.name} is read lazily")
+    files = isinstance(data.train, ImageFileDataset)
+    if not isinstance(labels, Tensor) or not (isinstance(images, Tensor) or files):
+        raise ConfigError("data.train_limit", f"needs an in-memory dataset or image files; {data.name} is neither")
     if count >= len(labels):
         return data
     chosen = labeled_subset(labels, count, data.num_classes)
+    if files:  # the same files, fewer of them: still decoded one by one when read
+        return replace(data, train=data.train.subset(chosen.tolist()))
     return replace(data, train=TensorImageDataset(images[chosen], labels[chosen]))
 
 
@@ -217,17 +220,33 @@ def labeled_subset(labels: Tensor, count: int, num_classes: int) -> Tensor:
     return torch.cat(chosen).sort().values
 
 
+def crops_whole_images(dataset: object) -> bool:
+    """Whether ``dataset`` holds whole images of any size (a ``folder:`` tree, a variable-size ``.beton``),
+    which the loader crops per sample from the full image at each batch's strength, before collating."""
+    return isinstance(dataset, ImageFileDataset) or bool(getattr(getattr(dataset, "info", None), "variable_size",
+                                                                 False))
+
+
 def resolve_ladder(config: RunConfig, data: DatasetSplits) -> Ladder | None:
-    """The run's ladder (``auto``: ``digits`` for 1-channel digit data, else ``default``); None for ``none``."""
+    """The run's ladder (``auto``: ``digits`` for 1-channel digit data, ``imagenet`` for whole images of any
+    size, else ``default``); None for ``none``."""
     name = config.augment.ladder
     if name == "auto":
-        name = "digits" if data.name in ("mnist5k", "digits") or data.in_chans == 1 else "default"
+        if data.name in ("mnist5k", "digits") or data.in_chans == 1:
+            name = "digits"
+        else:
+            name = "imagenet" if crops_whole_images(data.train) else "default"
     if name == "none":
         return None
     try:
-        return load_ladder(name)
+        ladder = load_ladder(name)
     except LadderError as error:
         raise ConfigError("augment.ladder", str(error)) from None
+    if ladder.mixes and crops_whole_images(data.train):
+        raise ConfigError("augment.ladder", f"{ladder.name} mixes batches (cutmix/mixup), which the per-image path of "
+                          f"{data.name} images (cropped from each whole image in the workers) does not do; choose a "
+                          "ladder without mix rungs, e.g. imagenet")
+    return ladder
 
 
 def _workers(config: RunConfig, dataset: object) -> int:
@@ -236,9 +255,10 @@ def _workers(config: RunConfig, dataset: object) -> int:
 
 
 def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime,
-                       plan: Plan | None = None) -> CyclicalLoader:
+                       plan: Plan | None = None, ladder: Ladder | None = None) -> CyclicalLoader:
     """The training loader: the data knobs of the run's plan (its one clock), rank-aware (the one place a
-    CyclicalLoader is built)."""
+    CyclicalLoader is built). Whole images of any size get the ``ladder`` here, applied per sample in the
+    workers (crops from the full image); other data is augmented on the device by the trainer."""
     options: dict[str, Any] = {
         "plan": Plan.from_config(config) if plan is None else plan,
         # Batch-level self-paced selection is a loss mask in the step: the loader trains on every sample.
@@ -271,6 +291,8 @@ def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime,
             refresh_fraction=sp.refresh,
             labels=getattr(data.train, "labels", None),
         )
+    if ladder is not None and crops_whole_images(data.train):
+        options["ladder"] = ladder
     if ssl is not None:
         labels = getattr(data.train, "labels", None)
         if labels is None:

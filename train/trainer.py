@@ -335,12 +335,14 @@ def train(
     clip_mode = config.grad_clip.mode if config.grad_clip is not None else "norm"
     hooks = CyclicalHooks(optimizer, plan, clip_mode=clip_mode, set_lr=True)  # the trainer's LR is the plan's
     normalize = build_normalize(config, data, runtime)
-    train_loader = build_train_loader(config, data, runtime, plan)  # the data side reads the same plan
+    train_loader = build_train_loader(config, data, runtime, plan, ladder)  # the data side reads the same plan
     test_loader = build_test_loader(config, data, runtime)
     run = restore_run(resume_from, model, optimizer, train_loader, runtime.rank, ema=ema)
     train_model = wrap_for_training(model, config, runtime)
     context = EpochContext(hooks=hooks, optimizer=optimizer, config=config, normalize=normalize, runtime=runtime,
-                           ladder=ladder, num_classes=data.num_classes, teacher=teacher, model=model, ema=ema,
+                           # A loader that applies the ladder per image (whole images): the batches come augmented.
+                           ladder=None if train_loader.ladder is not None else ladder,
+                           num_classes=data.num_classes, teacher=teacher, model=model, ema=ema,
                            optimizer_steps=run.optimizer_steps)
     if resume_from is None and runtime.is_main:  # once everything is checked: a failing run prints its error only
         warn_if_short_cycle(config)
