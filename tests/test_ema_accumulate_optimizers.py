@@ -23,6 +23,25 @@ FAST = ["model=test_resnet", "runtime.progress=false", "data.num_workers=0", "da
         "data.batch_size=50"]
 
 
+def write_image_folder(root: Path, per_class: dict[str, int]) -> Path:
+    """An ImageNet-style tree of real digit photos from the embedded MNIST, upscaled past 224 px, two classes."""
+    from PIL import Image
+
+    from cycdata.loaders.datasets import load_dataset
+
+    digits = load_dataset("mnist5k").train
+    labels = digits.labels.tolist()
+    for split, count in per_class.items():
+        for label in (0, 1):
+            (root / split / f"digit{label}").mkdir(parents=True)
+            members = [i for i, value in enumerate(labels) if value == label][:count]
+            for n, index in enumerate(members):
+                gray = Image.fromarray(digits.images[index][0].numpy()).resize((240 + 16 * (n % 4), 256),
+                                                                                 Image.Resampling.BILINEAR)
+                gray.convert("RGB").save(root / split / f"digit{label}" / f"{n}.jpg", quality=90)
+    return root
+
+
 def read_metrics(folder: Path) -> list[dict[str, str]]:
     with (folder / "metrics.csv").open() as handle:
         return list(csv.DictReader(handle))
@@ -126,3 +145,27 @@ def test_plan_refuses_an_unknown_optimizer_in_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         "cycdata plan: invalid config: optim.name: timm has no optimizer 'lamm' (did you mean lamb, lambw, lambc?); "
         "timm.optim.list_optimizers() lists them"]
+
+
+@pytest.mark.slow
+def test_a_224px_folder_run_with_ema_and_accumulation_resumes_exactly(tmp_path: Path) -> None:
+    """Real image files at 224 px through DataLoader workers (crops from the whole image at each batch's
+    strength), EMA and accumulation on: stopped after epoch 2 and resumed, it ends where an uninterrupted
+    run ends."""
+    folder = write_image_folder(tmp_path / "images", per_class={"train": 12, "val": 4})
+    overrides = ["epochs=3", "model=test_resnet", "runtime.progress=false", f"data.dataset=folder:{folder}",
+                 "data.image_size=224", "data.placement=workers", "data.num_workers=2", "data.batch_size=8",
+                 "optim.accumulate=2", "model_ema={decay: 0.9}", "augment.strength={easy: 0.2, hard: 1.0}"]
+    config = load_config(None, overrides)
+    assert config.augment.ladder == "auto"
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(config, straight)
+    train(config, interrupted, stop_after=2)
+    resume(interrupted)
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(interrupted / "last.pt")
+    for part in ("model", "model_ema"):
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
+    rows = read_metrics(straight)
+    assert len(rows) == 3 and all(row["ema_test_accuracy"] != "" for row in rows)
+    assert (straight / "best.pt").is_file()
