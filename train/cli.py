@@ -259,7 +259,10 @@ def _command_convert(args: argparse.Namespace) -> int:
     paths = beton_paths(args.out)
     for split, stats in info.splits.items():
         print(f"{paths[split]}: {stats['samples']} images, {stats['bytes'] / 2**20:.1f} MiB")
-    print(f"{paths['info']}: {info.num_classes} classes, {info.in_chans}x{info.image_size}x{info.image_size}, "
+    # A variable-size file keeps whole images (read back at data.image_size); image_size is their longest side.
+    size = (f"whole images, {info.in_chans} channels, longer side <= {info.image_size}" if info.variable_size
+            else f"{info.in_chans}x{info.image_size}x{info.image_size}")
+    print(f"{paths['info']}: {info.num_classes} classes, {size}, "
           f"{info.encoding}; {time.perf_counter() - started:.1f}s. Train on it with: "
           f"cycdata train data.dataset=beton:{args.out}")
     return 0
