@@ -54,11 +54,13 @@ lint: $(STAMP)
 # The package as a user gets it: `python -m build` (sdist + wheel, no warnings allowed) into a temporary
 # folder; a fresh venv that sees .venv's packages through a .pth line (torch is not installed twice, and
 # .venv's editable cycdata stays inactive: a .pth line adds a folder, not the .pth files inside it) gets the
-# wheel alone; from outside the repository it runs `cycdata plan` and the shortest `cycdata train` (2 epochs,
-# the least a cycle has); then the sdist's own tests run from its root against that wheel.
-# PYTHONSAFEPATH=1 (Python >= 3.11) keeps the root off sys.path (its cycdata/ folder lacks the subpackages
-# the wheel maps from loaders/, train/, ...; see docs/install.md); PYTHONPATH=benchmarks gives back the one
-# benchmark script that imports a sibling module; --pyargs cycdata runs the doctests of the installed modules.
+# wheel alone, and copies of .venv's console scripts (torchrun, ...) that run its own python; from outside
+# the repository it runs `cycdata plan` and the shortest `cycdata train` (2 epochs, the least a cycle has);
+# then the sdist's own tests run from its root against that wheel (docs/install.md says why each setting):
+# PYTHONSAFEPATH=1 (Python >= 3.11) keeps the root, whose cycdata/ folder lacks the subpackages the wheel
+# maps from loaders/, train/, ..., off sys.path; PYTHONPATH=benchmarks gives back the one benchmark script
+# that imports a sibling module; --import-mode=prepend makes the test modules importable by the processes
+# they spawn (DDP tests); --pyargs cycdata runs the doctests of the installed modules.
 # The build is isolated (setuptools from PyPI); BUILD_ARGS=--no-isolation builds offline with .venv's.
 BUILD_ARGS ?=
 dist-check: $(STAMP)
@@ -72,6 +74,12 @@ dist-check: $(STAMP)
 	"$$python" -c "import sysconfig; print(sysconfig.get_path('purelib'))" \
 	    >"$$("$$tmp/venv/bin/python" -c "import sysconfig; print(sysconfig.get_path('purelib'))")/dependencies.pth"; \
 	"$$tmp/venv/bin/python" -m pip install -q --no-deps "$$tmp"/dist/*.whl; \
+	for script in $(abspath $(VENV))/bin/*; do \
+	    target="$$tmp/venv/bin/$${script##*/}"; \
+	    if [ ! -e "$$target" ] && head -n 1 "$$script" | grep -qx "#!$$python"; then \
+	        sed "1s|.*|#!$$tmp/venv/bin/python|" "$$script" >"$$target"; chmod +x "$$target"; \
+	    fi; \
+	done; \
 	mkdir "$$tmp/run"; cd "$$tmp/run"; \
 	"$$tmp/venv/bin/python" -c "import sys, cycdata.train; where = cycdata.train.__file__; \
 	    assert where.startswith(sys.prefix), f'cycdata comes from {where}, not the wheel'; print('cycdata from', where)"; \
@@ -82,7 +90,8 @@ dist-check: $(STAMP)
 	tail -n 3 train.log; test -f "$$tmp/run/out/metrics.csv"; test -f "$$tmp/run/out/last.pt"; \
 	tar -xzf "$$tmp"/dist/*.tar.gz -C "$$tmp"; cd "$$tmp"/cycdata-*/; \
 	echo "dist-check: the sdist's tests from $$PWD"; \
-	PYTHONSAFEPATH=1 PYTHONPATH="$$PWD/benchmarks" "$$tmp/venv/bin/python" -m pytest $(DIST_PYTEST_ARGS) tests --pyargs cycdata
+	PYTHONSAFEPATH=1 PYTHONPATH="$$PWD/benchmarks" "$$tmp/venv/bin/python" -m pytest --import-mode=prepend \
+	    $(DIST_PYTEST_ARGS) tests --pyargs cycdata
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
