@@ -237,7 +237,8 @@ def test_truncated_png_in_worker_processes_is_one_line(tmp_path: Path) -> None:
 
 def test_truncated_png_in_an_image_folder_stops_the_cli_in_one_line(tmp_path: Path) -> None:
     broken = image_folder_with_a_truncated_png(tmp_path / "images")
-    result = run_cli("train", "model=test_resnet", "runtime.progress=false", "epochs=2", "data.batch_size=4",
+    # epochs=3: a run long enough for its cycle, so the error is the only line.
+    result = run_cli("train", "model=test_resnet", "runtime.progress=false", "epochs=3", "data.batch_size=4",
                      f"data.dataset=folder:{tmp_path / 'images'}", "--out", str(tmp_path / "run"))
     assert_refused_in_one_line(result, str(broken), "cannot decode")
 
