@@ -69,13 +69,13 @@ def build_loaders(folder: Path, workers: int, batch_size: int, size: int, epochs
     train = type(data.train)(data.train.samples + data.test.samples, data.train.classes, size)
     cyclical = CyclicalLoader(train, epochs=epochs, batch_size=batch_size, ladder="imagenet", strength=STRENGTH,
                               seed=0, shuffle=True, placement="workers", num_workers=workers,
-                              persistent_workers=True)
+                              persistent_workers=workers > 0)
     loaders: dict[str, Iterable] = {"cycdata": cyclical}
     for name, jitter in (("timm", 0.4), ("timm_no_jitter", 0.0)):
         loaders[name] = timm.data.create_loader(
             timm.data.ImageDataset(str(folder)), input_size=(3, size, size), batch_size=batch_size,
             is_training=True, color_jitter=jitter, num_workers=workers, use_prefetcher=False,
-            persistent_workers=True, device=torch.device("cpu"))
+            persistent_workers=workers > 0, device=torch.device("cpu"))
     return loaders
 
 

@@ -21,6 +21,7 @@ FIGURES = {
     "loaders.py": ["ratios", "min on / off"],
     "augment_throughput.py": ["batched", "none"],
     "selection.py": ["seconds", "select keep=0.5 hard"],
+    "folder_loader.py": ["ratio"],
 }
 
 SMALL_RUNS = {
@@ -29,6 +30,7 @@ SMALL_RUNS = {
     "loaders.py": ["--samples", "1000", "--datasets", "raw", "--min-samples", "1000", "--workers", "0"],
     "augment_throughput.py": ["--samples", "256", "--workers", "0"],
     "selection.py": ["--size", "10000", "--repeats", "1"],
+    "folder_loader.py": ["--images", "32", "--workers", "1", "--batch-size", "8", "--size", "64", "--epochs", "1"],
 }
 
 
