@@ -322,6 +322,17 @@ class DataConfig:
     batch_size: Schedule = key(knob(gt=0, integer=True), Constant(128), "training batch size (cyclical batch size)")
     train_limit: int | None = key(optional(number(gt=0, integer=True)), None,
                                   "train on a fixed, class-balanced subset of this many samples (limited-data studies)")
+    val_split: float = key(number(ge=0, lt=0.5), 0.0,
+                           "share of the training split held out (stratified) as the validation split: best.pt and "
+                           "every tuned choice are made on it, and the test split is read only at the last epoch")
+    label_noise: float = key(number(ge=0, lt=0.9), 0.0,
+                             "symmetric label noise: this share of the training (and validation) labels changed to "
+                             "another class at random")
+    imbalance: float = key(number(ge=1), 1.0, "long-tailed class imbalance, largest : smallest class (e.g. 20); "
+                           "class c keeps n_max·ratio^(−c/(K−1)) training samples")
+    draw_seed: int | None = key(optional(number(ge=0, integer=True)), 0,
+                                "seed of the subset, the split and the noise; null: the run's seed (each seed "
+                                "redraws them)")
     eval_batch_size: int = key(number(gt=0, integer=True), 500, "batch size for evaluation")
     image_size: int | None = key(optional(number(ge=8, le=2048, integer=True)), None,
                                  "the image side the model sees (training crops; evaluation resizes and centre-crops); "
@@ -431,6 +442,9 @@ class SelfPacedConfig:
     refresh: float = key(number(ge=0, le=1), 0.05, "share of excluded samples re-admitted each epoch (stale losses)")
     ema: float | None = key(optional(number(ge=0, lt=1)), None,
                             "loss-ledger smoothing: new = ema·old + (1 − ema)·loss; null keeps the latest loss")
+    ledger: str = key(choice("tempered", "plain"), "tempered",
+                      "the loss the ledger records and selection ranks: tempered (on z/T, the trained loss) or "
+                      "plain (on z, comparable across CST's temperatures)")
 
 
 @dataclass(frozen=True)

@@ -218,6 +218,7 @@ class DatasetSplits:
         image_size: image side (``H == W``).
         mean: per-channel mean in [0, 1] units, from the train split (constants for ``folder``).
         std: per-channel standard deviation in [0, 1] units, likewise.
+        val: the validation split held out of ``train`` (``data.val_split``), None without one.
 
     Example:
         >>> splits = load_dataset("synthetic:50")
@@ -233,6 +234,7 @@ class DatasetSplits:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    val: Dataset | None = None
 
 
 def load_dataset(spec: str, *, image_size: int | None = None) -> DatasetSplits:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from cycdata.augment_ladder.ladder import Ladder, LadderError, load_ladder
 from cycdata.config import ConfigError, RunConfig, RunStopped
@@ -46,6 +47,7 @@ __all__ = [
     "build_optimizer",
     "build_run_model",
     "build_run_teacher",
+    "build_eval_loader",
     "build_test_loader",
     "build_train_loader",
     "check_model",
@@ -178,8 +180,9 @@ def _channels_last(config: RunConfig, runtime: Runtime) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def limit_train(data: DatasetSplits, count: int | None) -> DatasetSplits:
-    """The splits with the train split cut to a fixed, class-balanced subset of ``count`` samples."""
+def limit_train(data: DatasetSplits, count: int | None, generator: torch.Generator | None = None) -> DatasetSplits:
+    """The splits with the train split cut to a fixed, class-balanced subset of ``count`` samples (drawn with
+    ``generator``; None: seed 0)."""
     if count is None:
         return data
     if count < data.num_classes:  # some classes would have no training sample at all
@@ -192,20 +195,21 @@ def limit_train(data: DatasetSplits, count: int | None) -> DatasetSplits:
         raise ConfigError("data.train_limit", f"needs an in-memory dataset or image files; {data.name} is neither")
     if count >= len(labels):
         return data
-    chosen = labeled_subset(labels, count, data.num_classes)
+    chosen = labeled_subset(labels, count, data.num_classes, generator)
     if files:  # the same files, fewer of them: still decoded one by one when read
         return replace(data, train=data.train.subset(chosen.tolist()))
     return replace(data, train=TensorImageDataset(images[chosen], labels[chosen]))
 
 
-def labeled_subset(labels: Tensor, count: int, num_classes: int) -> Tensor:
-    """A fixed, class-balanced choice of ``count`` labeled samples (seed 0: the same for every run).
+def labeled_subset(labels: Tensor, count: int, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
+    """A fixed, class-balanced choice of ``count`` labeled samples (``generator``; None: seed 0, the same for
+    every run).
 
     Example:
         >>> labeled_subset(torch.tensor([0, 1] * 50), 10, 2).numel()
         10
     """
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(0) if generator is None else generator
     per_class = [count // num_classes + (1 if c < count % num_classes else 0) for c in range(num_classes)]
     chosen = []
     for cls, take in enumerate(per_class):
@@ -297,7 +301,9 @@ def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime,
         labels = getattr(data.train, "labels", None)
         if labels is None:
             raise ConfigError("semi_supervised", f"needs a dataset with in-memory labels; {data.name} has none")
-        options.update(labeled=labeled_subset(labels, ssl.labeled, data.num_classes))
+        from cycdata.train.regimes import draw_generator
+
+        options.update(labeled=labeled_subset(labels, ssl.labeled, data.num_classes, draw_generator(config, 0)))
     try:
         return CyclicalLoader(data.train, **options)
     except ValueError as error:  # a placement that cannot serve this dataset
@@ -306,17 +312,22 @@ def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime,
 
 def build_test_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> BatchLoader:
     """The evaluation loader: every test sample once, in order, split across the ranks."""
+    return build_eval_loader(config, data.test, runtime)
+
+
+def build_eval_loader(config: RunConfig, dataset: Dataset, runtime: Runtime) -> BatchLoader:
+    """Every sample of ``dataset`` (the test or the validation split) once, in order, split across the ranks."""
     sampler = ShuffledBatchSampler(
-        len(data.test),
+        len(dataset),
         config.data.eval_batch_size,
         shuffle=False,
         pad=False,
         rank=runtime.rank,
         world_size=runtime.world_size,
     )
-    # A .beton test split is decoded once: evaluation reads every image every epoch anyway.
-    test_data = data.test.decoded() if hasattr(data.test, "decoded") else data.test
-    return BatchLoader(test_data, sampler, num_workers=_workers(config, test_data),
+    # A .beton split is decoded once: evaluation reads every image every epoch anyway.
+    dataset = dataset.decoded() if hasattr(dataset, "decoded") else dataset
+    return BatchLoader(dataset, sampler, num_workers=_workers(config, dataset),
                        pin_memory=runtime.device.type == "cuda")
 
 
@@ -401,8 +412,11 @@ def build_model(config: RunConfig, data: DatasetSplits) -> nn.Module:
 
 
 def run_dataset(config: RunConfig) -> DatasetSplits:
-    """The run's data: ``data.dataset`` at ``data.image_size``, cut to ``data.train_limit``."""
-    return limit_train(load_dataset(config.data.dataset, image_size=config.data.image_size), config.data.train_limit)
+    """The run's data: ``data.dataset`` at ``data.image_size``, its validation split held out and its training
+    regime applied (``data.train_limit``, ``imbalance``, ``label_noise``: :mod:`cycdata.train.regimes`)."""
+    from cycdata.train.regimes import prepare_splits
+
+    return prepare_splits(load_dataset(config.data.dataset, image_size=config.data.image_size), config)
 
 
 def validate_run(config: RunConfig) -> DatasetSplits:

@@ -272,9 +272,16 @@ class RunState:
 
 
 def best_metric(row: Mapping[str, Any]) -> float:
-    """What best.pt is chosen by: the EMA weights' test accuracy when the run keeps a model EMA (as timm's
-    train.py does), else the model's."""
-    return float(row.get("ema_test_accuracy", row["test_accuracy"]))
+    """What best.pt is chosen by: the validation accuracy when the run holds out a validation split
+    (``data.val_split``), else the test accuracy (timm's train.py: its eval set); the model EMA's when the run
+    keeps one, as timm does.
+
+    Example:
+        >>> best_metric({"val_accuracy": 0.9, "test_accuracy": 0.95}), best_metric({"test_accuracy": 0.95})
+        (0.9, 0.95)
+    """
+    split = "val" if "val_accuracy" in row else "test"
+    return float(row.get(f"ema_{split}_accuracy", row[f"{split}_accuracy"]))
 
 
 # The keys a run checkpoint holds, with the types the resume code relies on.
@@ -295,7 +302,8 @@ def check_run_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
             raise CheckpointError(f"{path} is not a cycdata run checkpoint: {name!r} is missing or not a "
                                   f"{getattr(kind, '__name__', 'number')}; resume from a last.pt cycdata train wrote")
     epoch, history = state["epoch"], state["history"]
-    rows_ok = all(isinstance(row, dict) and isinstance(row.get("test_accuracy"), (int, float)) for row in history)
+    rows_ok = all(isinstance(row, dict) and isinstance(row.get("val_accuracy", row.get("test_accuracy")), (int, float))
+                  for row in history)
     if epoch < 1 or len(history) != epoch or not rows_ok:
         raise CheckpointError(f"{path} is inconsistent: epoch {epoch} with {len(history)} metrics rows; resume from "
                               "a last.pt written by cycdata train")

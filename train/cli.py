@@ -276,7 +276,9 @@ def _command_experiment(args: argparse.Namespace) -> int:
     args.out = str(out)
     suite.runs(args.seeds, args.epochs)  # --epochs is validated as every variant's epochs before anything runs
     check_output("--out", out)
-    summary = run_suite(suite, out, seeds=args.seeds, epochs=args.epochs)
+    if args.jobs is not None and not 1 <= args.jobs <= 64:
+        raise ConfigError("--jobs", f"got {args.jobs}; give an integer from 1 to 64 (runs side by side)")
+    summary = run_suite(suite, out, seeds=args.seeds, epochs=args.epochs, jobs=args.jobs)
     print(results_table(summary))
     print(f"results: {out / 'results.md'} (and results.json, accuracy.png, knobs.png); {summary['seconds']:.0f}s")
     return 0
@@ -357,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                             ".yaml file")
     experiment.add_argument("--seeds", type=int, help="seeds per variant (default: the suite's)")
     experiment.add_argument("--epochs", type=int, help="override every variant's epochs (a quick look)")
+    experiment.add_argument("--jobs", type=int, help="runs side by side, each on cores/jobs threads (default: the "
+                            "suite's jobs, else 1)")
     experiment.add_argument("--out", metavar="DIR", help="suite folder (default runs/experiment-SUITE); an "
                             "interrupted suite continues where it stopped")
     experiment.set_defaults(handler=_command_experiment)

@@ -19,6 +19,19 @@ suite is balanced; a finished run is skipped, a partial one resumed from its ``l
 summary (``results.json``, ``results.md``, ``accuracy.png``, ``knobs.png``) is rebuilt from the run
 folders, so it can be regenerated at any time.
 
+The protocol is fixed in the suite file before anything runs:
+
+* ``tune: {VARIANT: {KEY: [v1, v2, ...]}}``: the variant's constants are chosen from the grid (every
+  combination) by the mean final ``select`` metric (default ``val_accuracy``: give the base a
+  ``data.val_split``) over ``tune_seeds`` seeds numbered from 1000, distinct from the reported seeds. Tuning
+  runs go to ``OUT/tune/...``; the choice is written to ``tuned.json`` and used by the reported runs.
+* ``primary`` (default ``test_accuracy``; ``test_balanced_accuracy`` for an imbalanced regime) is what the
+  comparisons test: paired by seed, 95% intervals, Holm across the suite's comparisons, TOST at ±0.3
+  points and the detection limit (:mod:`cycdata.train.analysis`).
+* ``level``: time to accuracy, the first epoch (and the seconds) at which a run's validation accuracy (test,
+  without a validation split) reaches this level; a run that never does counts as ``epochs + 1``.
+* ``jobs``: runs side by side (``--jobs`` overrides), each on ``cores / jobs`` threads.
+
 Example:
     >>> suite = Suite.from_mapping({"base": {"epochs": 3}, "variants": {"a": {}, "b": {"temperature": None}}})
     >>> [run.name for run in suite.runs(seeds=2)]
@@ -42,8 +55,12 @@ from cycdata.train.paths import check_name, dataset_folder, remove_run_folder
 
 __all__ = ["SUITES", "Run", "Suite", "load_suite", "run_suite", "summarize"]
 
-SUITES = ("optimizer", "factor", "data", "range", "range-recipe", "smoke")
-METRICS = ("test_accuracy", "test_nll", "test_ece")
+SUITES = ("optimizer", "factor", "data", "range", "range-recipe", "smoke", "labels-500", "noise-30",
+          "imbalance-20", "data-side", "cwd-schedules")
+METRICS = ("test_accuracy", "test_balanced_accuracy", "test_nll", "test_ece")
+TUNE_SEED_BASE = 1000  # tuning seeds are 1000, 1001, ...: never a reported seed
+SUITE_KEYS = ("variants", "base", "datasets", "seeds", "baseline", "compare", "description", "tune", "tune_seeds",
+              "select", "primary", "level", "jobs")
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,12 @@ class Suite:
     baseline: str | None = None
     compare: dict[str, str] = field(default_factory=dict)  # variant -> the variant it is compared with
     description: str = ""
+    tune: dict[str, dict[str, list[Any]]] = field(default_factory=dict)  # variant -> key -> grid values
+    tune_seeds: int = 3
+    select: str = "val_accuracy"  # what tuning maximises (mean final value over the tuning seeds)
+    primary: str = "test_accuracy"  # what the comparisons test
+    level: float | None = None  # time to accuracy: the validation accuracy to reach
+    jobs: int = 1  # runs side by side
 
     def reference(self, variant: str) -> str | None:
         """The variant ``variant`` is compared with (paired by seed), if any."""
@@ -88,10 +111,9 @@ class Suite:
         """A suite from its YAML mapping; every field and every variant's config validated, one line per fault."""
         if not isinstance(raw, Mapping):
             raise ConfigError(where, "a suite must be a mapping with 'variants' (and optional base, seeds, ...)")
-        unknown = set(raw) - {"variants", "base", "datasets", "seeds", "baseline", "compare", "description"}
+        unknown = set(raw) - set(SUITE_KEYS)
         if unknown:
-            raise ConfigError(where, f"unknown keys {sorted(unknown, key=str)}; allowed: description, seeds, "
-                              "baseline, compare, base, datasets, variants")
+            raise ConfigError(where, f"unknown keys {sorted(unknown, key=str)}; allowed: {', '.join(SUITE_KEYS)}")
         suite = cls(variants=_variants(raw.get("variants"), f"{where}.variants"),
                     base=_mapping(raw.get("base"), f"{where}.base", "dotted keys applied to every variant"),
                     datasets=_datasets(raw.get("datasets"), f"{where}.datasets"),
@@ -99,21 +121,36 @@ class Suite:
                     baseline=raw.get("baseline"),
                     compare=_mapping(raw.get("compare"), f"{where}.compare", "variant -> the variant it is compared "
                                      "with"),
-                    description=str(raw.get("description", "")))
+                    description=str(raw.get("description", "")),
+                    tune=_grids(raw.get("tune"), f"{where}.tune"),
+                    tune_seeds=number(ge=1, integer=True)(f"{where}.tune_seeds", raw.get("tune_seeds", 3), {}),
+                    select=_metric(raw.get("select", "val_accuracy"), f"{where}.select", "val_"),
+                    primary=_metric(raw.get("primary", "test_accuracy"), f"{where}.primary", "test_"),
+                    level=None if raw.get("level") is None else number(gt=0, le=1)(f"{where}.level", raw["level"], {}),
+                    jobs=number(ge=1, le=64, integer=True)(f"{where}.jobs", raw.get("jobs", 1), {}))
+        for name in suite.tune:
+            if name not in suite.variants:
+                raise ConfigError(f"{where}.tune", f"{name!r} is not one of the variants {sorted(suite.variants)}")
         named = ([suite.baseline] if suite.baseline is not None else []) + [*suite.compare, *suite.compare.values()]
         for name in named:
             if not isinstance(name, str) or name not in suite.variants:
                 raise ConfigError(f"{where}.baseline", f"{name!r} is not one of the variants {sorted(suite.variants)}")
         suite.runs(seeds=1)  # every variant's config is validated here, before anything runs
+        suite.tuning_runs()  # and every grid point's
         return suite
 
-    def runs(self, seeds: int | None = None, epochs: int | None = None) -> list[Run]:
-        """Every run, seed-major (all variants of seed 0 first), each config validated."""
+    def runs(self, seeds: int | None = None, epochs: int | None = None,
+             tuned: Mapping[str, Mapping[str, Any]] | None = None) -> list[Run]:
+        """Every run, seed-major (all variants of seed 0 first), each config validated; ``tuned`` (group ->
+        settings, from the tuning phase) overrides the variants' grid keys."""
         runs = []
         for seed in range(self.seeds if seeds is None else seeds):
             for dataset in self.datasets or (None,):
                 for variant, settings in self.variants.items():
                     check_name("variant", variant)  # a folder name, also for a Suite built without from_mapping
+                    group = f"{dataset}/{variant}" if dataset else variant
+                    settings = {**self.inherited(tuned or {}, dataset, variant), **settings,
+                                **(tuned or {}).get(group, {})}
                     raw = apply_settings(apply_settings({}, self.base), {"seed": seed, **settings})
                     if dataset is not None:
                         raw = apply_settings(raw, {"data.dataset": dataset})
@@ -125,6 +162,87 @@ class Suite:
                         raise ConfigError(f"variant {variant}", str(error)) from None
                     runs.append(Run(dataset, variant, seed, config))
         return runs
+
+    def inherited(self, tuned: Mapping[str, Mapping[str, Any]], dataset: str | None, variant: str) -> dict[str, Any]:
+        """The baseline's tuned constants that ``variant`` takes over: those it neither sets nor tunes itself, so
+        every variant differs from the tuned baseline in its own knob only."""
+        if self.baseline is None or variant == self.baseline or variant in self.tune:
+            return {}
+        chosen = tuned.get(f"{dataset}/{self.baseline}" if dataset else self.baseline, {})
+        return {name: value for name, value in chosen.items() if name not in self.variants[variant]}
+
+    def tuning_runs(self, epochs: int | None = None) -> list[TuningRun]:
+        """Every tuning run (each grid point of each tuned variant, on seeds 1000, 1001, ...), seed-major."""
+        out = []
+        for offset in range(self.tune_seeds if self.tune else 0):
+            seed = TUNE_SEED_BASE + offset
+            for dataset in self.datasets or (None,):
+                for variant, grid in self.tune.items():
+                    for index, point in enumerate(_grid_points(grid)):
+                        raw = apply_settings(apply_settings({}, self.base), {**self.variants[variant], **point,
+                                                                              "seed": seed})
+                        if dataset is not None:
+                            raw = apply_settings(raw, {"data.dataset": dataset})
+                        if epochs is not None:
+                            raw = apply_settings(raw, {"epochs": epochs})
+                        try:
+                            config = parse_config(raw)
+                        except ConfigError as error:
+                            raise ConfigError(f"tune.{variant} point {point}", str(error)) from None
+                        group = f"{dataset}/{variant}" if dataset else variant
+                        out.append(TuningRun(group, index, point, seed, config))
+        return out
+
+
+@dataclass(frozen=True)
+class TuningRun:
+    """One grid point of a tuned variant on one tuning seed."""
+
+    group: str
+    index: int
+    point: dict[str, Any]
+    seed: int
+    config: RunConfig
+
+    @property
+    def name(self) -> str:
+        """Its folder inside the suite folder: ``tune/[DATASET/]VARIANT/point-I/seed-K``."""
+        dataset, _, variant = self.group.rpartition("/")
+        prefix = f"{dataset_folder(dataset)}/" if dataset else ""
+        return f"tune/{prefix}{variant}/point-{self.index}/seed-{self.seed}"
+
+
+def _grid_points(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a variant's grid, in the file's order.
+
+    Example:
+        >>> _grid_points({"a": [1, 2], "b": [3]})
+        [{'a': 1, 'b': 3}, {'a': 2, 'b': 3}]
+    """
+    import itertools
+
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _grids(raw: Any, key: str) -> dict[str, dict[str, list[Any]]]:
+    """``tune``: variant -> {dotted key: non-empty list of values}."""
+    grids = _mapping(raw, key, "variant -> {dotted key: [values]}")
+    for variant, grid in grids.items():
+        grid = _mapping(grid, f"{key}.{variant}", "dotted key -> [values]")
+        for name, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{key}.{variant}.{name}", f"got {values!r}; give a non-empty list of values")
+        grids[variant] = grid
+    return grids
+
+
+def _metric(raw: Any, key: str, prefix: str) -> str:
+    """A logged metric's name starting with ``prefix`` (``val_accuracy``, ``test_balanced_accuracy``, ...)."""
+    allowed = [f"{prefix}{name}" for name in ("accuracy", "balanced_accuracy")]
+    if raw not in allowed:
+        raise ConfigError(key, f"got {raw!r}; give one of {', '.join(allowed)}")
+    return str(raw)
 
 
 def _mapping(raw: Any, key: str, what: str) -> dict[str, Any]:
@@ -176,32 +294,111 @@ def _finished(folder: Path, epochs: int) -> bool:
 
 
 def run_suite(suite: Suite, out: str | Path, *, seeds: int | None = None, epochs: int | None = None,
-              log: Any = print) -> dict[str, Any]:
-    """Run (or finish) every run of ``suite`` under ``out``; then write and return the summary."""
-    from cycdata.train.trainer import resume, train
-
+              jobs: int | None = None, log: Any = print) -> dict[str, Any]:
+    """Run (or finish) every run of ``suite`` under ``out`` (tuning first, when the suite tunes); then write
+    and return the summary."""
     out = Path(out)
-    runs = suite.runs(seeds, epochs)
     started = time.perf_counter()
-    for position, run in enumerate(runs, 1):
-        folder = out / run.name
-        if _finished(folder, run.config.epochs):
-            continue
-        began = time.perf_counter()
-        if (folder / "last.pt").is_file():
-            row = resume(folder)
-        else:
-            if folder.exists():
-                remove_run_folder(out, folder)  # a run killed before its first checkpoint: nothing to keep
-            config = run.config if not run.config.runtime.progress else _quiet(run.config)
-            row = train(config, folder)
-        log(f"[{position}/{len(runs)}] {run.name}: test {100 * row['test_accuracy']:.2f}%  nll {row['test_nll']:.4f}  "
-            f"ece {row['test_ece']:.4f}  ({time.perf_counter() - began:.0f}s, {time.perf_counter() - started:.0f}s "
-            "in all)")
+    jobs = suite.jobs if jobs is None else jobs
+    tuning = suite.tuning_runs(epochs)
+    _execute([(run.name, run.config) for run in tuning], out, jobs, log, started)
+    tuned = choose_tuned(suite, out, epochs) if tuning else {}
+    runs = suite.runs(seeds, epochs, tuned)
+    _execute([(run.name, run.config) for run in runs], out, jobs, log, started)
     summary = summarize(suite, out, seeds=seeds, epochs=epochs)
     summary["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _execute(runs: list[tuple[str, RunConfig]], out: Path, jobs: int, log: Any, started: float) -> None:
+    """Run every unfinished run (in order; ``jobs`` side by side, each on ``cores / jobs`` threads)."""
+    todo = [(position, name, config) for position, (name, config) in enumerate(runs, 1)
+            if not _finished(out / name, config.epochs)]
+    if not todo:
+        return
+    if jobs <= 1:
+        for position, name, config in todo:
+            began = time.perf_counter()
+            row = _run_one(config, str(out / name), str(out))
+            _log_run(log, position, len(runs), name, row, began, started)
+        return
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited torch thread pools
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_set_threads, initargs=(threads,)) as pool:
+        futures = {pool.submit(_run_one, config, str(out / name), str(out)): (position, name)
+                   for position, name, config in todo}
+        for future in as_completed(futures):
+            position, name = futures[future]
+            _log_run(log, position, len(runs), name, future.result(), None, started)
+
+
+def _set_threads(threads: int) -> None:
+    """A side-by-side worker: its share of the cores, and quiet (the suite logs one line per finished run)."""
+    import os
+    import sys
+
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the worker's lifetime
+
+
+def _run_one(config: RunConfig, folder_name: str, out_name: str) -> dict[str, Any]:
+    """One run into its folder: resumed from its ``last.pt`` when it has one."""
+    from cycdata.train.trainer import resume, train
+
+    folder, out = Path(folder_name), Path(out_name)
+    if (folder / "last.pt").is_file():
+        return resume(folder)
+    if folder.exists():
+        remove_run_folder(out, folder)  # a run killed before its first checkpoint: nothing to keep
+    return train(config if not config.runtime.progress else _quiet(config), folder)
+
+
+def _log_run(log: Any, position: int, total: int, name: str, row: Mapping[str, Any], began: float | None,
+             started: float) -> None:
+    """One line per finished run (its own seconds only when runs go one at a time)."""
+    split = "val" if "val_accuracy" in row and "test_accuracy" not in row else "test"
+    own = f"{time.perf_counter() - began:.0f}s, " if began is not None else ""
+    log(f"[{position}/{total}] {name}: {split} {100 * row[f'{split}_accuracy']:.2f}%  nll {row[f'{split}_nll']:.4f}  "
+        f"ece {row[f'{split}_ece']:.4f}  ({own}{time.perf_counter() - started:.0f}s in all)")
+
+
+def choose_tuned(suite: Suite, out: Path, epochs: int | None = None) -> dict[str, dict[str, Any]]:
+    """Each tuned variant's grid point with the best mean final ``suite.select`` over the tuning seeds (the
+    first such point on a tie), written with every point's mean to ``tuned.json``; returns group -> settings."""
+    scores: dict[str, dict[int, list[float]]] = {}
+    points: dict[str, dict[int, dict[str, Any]]] = {}
+    for run in suite.tuning_runs(epochs):
+        folder = out / run.name
+        points.setdefault(run.group, {})[run.index] = run.point
+        if not _finished(folder, run.config.epochs):
+            raise ConfigError("tune", f"{folder} did not finish; run the suite again to finish it")
+        final = _read_metrics(folder)[run.config.epochs - 1]
+        if suite.select not in final or math.isnan(final[suite.select]):
+            raise ConfigError("select", f"{folder} logged no {suite.select}; give the suite's base a data.val_split")
+        scores.setdefault(run.group, {}).setdefault(run.index, []).append(final[suite.select])
+    chosen, record = {}, {}
+    for group, by_point in scores.items():
+        means = {index: statistics.fmean(values) for index, values in by_point.items()}
+        best = max(means, key=lambda index: (means[index], -index))
+        chosen[group] = points[group][best]
+        record[group] = {"chosen": points[group][best], "select": suite.select, "seeds": len(by_point[best]),
+                         "points": [{"settings": points[group][i], "mean": means[i]} for i in sorted(means)]}
+    (out / "tuned.json").write_text(json.dumps(record, indent=2) + "\n")
+    return chosen
+
+
+def _read_tuned(out: Path) -> dict[str, dict[str, Any]]:
+    path = out / "tuned.json"
+    if not path.is_file():
+        return {}
+    return {group: entry["chosen"] for group, entry in json.loads(path.read_text()).items()}
 
 
 def _quiet(config: RunConfig) -> RunConfig:
@@ -219,7 +416,7 @@ def _read_metrics(folder: Path) -> list[dict[str, float]]:
 
 
 def interval(values: list[float]) -> dict[str, float]:
-    """Mean, sample standard deviation and the 95% t-interval half-width of ``values``.
+    """Mean, sample standard deviation and the 95% t-interval half-width of ``values`` (NaN left out).
 
     Example:
         >>> {k: round(v, 4) for k, v in interval([1.0, 2.0, 3.0]).items()}
@@ -227,6 +424,7 @@ def interval(values: list[float]) -> dict[str, float]:
     """
     from scipy.stats import t as student_t
 
+    values = [value for value in values if not math.isnan(value)]  # NaN: not measured (a level never reached)
     count = len(values)
     mean = statistics.fmean(values) if values else math.nan
     std = statistics.stdev(values) if count > 1 else math.nan
@@ -234,33 +432,74 @@ def interval(values: list[float]) -> dict[str, float]:
     return {"n": count, "mean": mean, "std": std, "ci95": half}
 
 
+def time_to_level(rows: list[dict[str, float]], level: float, epochs: int) -> tuple[float, float]:
+    """(epochs, seconds) until a run's validation accuracy (test, without a validation split) first reaches
+    ``level``; ``(epochs + 1, NaN)`` when it never does.
+
+    Example:
+        >>> rows = [{"val_accuracy": 0.5, "epoch_seconds": 2.0}, {"val_accuracy": 0.9, "epoch_seconds": 2.0}]
+        >>> time_to_level(rows, 0.8, 2), time_to_level(rows, 0.95, 2)
+        ((2, 4.0), (3, nan))
+    """
+    split = "val_accuracy" if "val_accuracy" in rows[0] else "test_accuracy"
+    seconds = 0.0
+    for epoch, row in enumerate(rows[:epochs], 1):
+        seconds += row.get("epoch_seconds", math.nan)
+        if row.get(split, math.nan) >= level:
+            return epoch, seconds
+    return epochs + 1, math.nan
+
+
 def summarize(suite: Suite, out: str | Path, *, seeds: int | None = None, epochs: int | None = None) -> dict[str, Any]:
-    """Final-epoch metrics per variant (mean, std, 95% interval; paired difference to the baseline),
-    written as ``results.md`` with ``accuracy.png`` and ``knobs.png``; finished runs only."""
+    """Final-epoch metrics per variant (mean, std, 95% interval) and each comparison's paired analysis
+    (:mod:`cycdata.train.analysis`: 95% interval, Holm-adjusted p, TOST, detection limit), written as
+    ``results.md`` with ``accuracy.png`` and ``knobs.png``; finished runs only."""
+    from cycdata.train.analysis import holm, paired, verdict
+
     out = Path(out)
     finals: dict[str, dict[int, dict[str, float]]] = {}
     curves: dict[str, list[list[dict[str, float]]]] = {}
     configs: dict[str, RunConfig] = {}  # each variant's config: knobs.png draws its plan step by step
-    for run in suite.runs(seeds, epochs):
+    for run in suite.runs(seeds, epochs, _read_tuned(out)):
         folder = out / run.name
         if not _finished(folder, run.config.epochs):
             continue
         rows = _read_metrics(folder)
-        finals.setdefault(run.group, {})[run.seed] = rows[run.config.epochs - 1]
+        final = dict(rows[run.config.epochs - 1])
+        if suite.level is not None:
+            final["epochs_to_level"], final["seconds_to_level"] = time_to_level(rows, suite.level, run.config.epochs)
+        final["train_seconds"] = sum(row.get("epoch_seconds", math.nan) for row in rows[: run.config.epochs])
+        finals.setdefault(run.group, {})[run.seed] = final
         curves.setdefault(run.group, []).append(rows[: run.config.epochs])
         configs.setdefault(run.group, run.config)
+    primary = suite.primary
+    metrics = [m for m in dict.fromkeys((primary, *METRICS, "epochs_to_level", "seconds_to_level", "train_seconds"))
+               if any(m in row for by_seed in finals.values() for row in by_seed.values())]
     groups: dict[str, Any] = {}
     for group, by_seed in finals.items():
-        entry = {metric: interval([row[metric] for row in by_seed.values()]) for metric in METRICS}
+        entry: dict[str, Any] = {metric: interval([row.get(metric, math.nan) for row in by_seed.values()])
+                                 for metric in metrics}
         dataset, _, variant = group.rpartition("/")
         reference_name = suite.reference(variant)
         if reference_name is not None:
             reference = finals.get(f"{dataset}/{reference_name}" if dataset else reference_name, {})
-            paired = [by_seed[s]["test_accuracy"] - reference[s]["test_accuracy"] for s in by_seed if s in reference]
+            common = [s for s in by_seed if s in reference]
             entry["compared_with"] = reference_name
-            entry["accuracy_vs_reference"] = interval(paired)
+            entry["paired"] = {metric: paired([by_seed[s][metric] - reference[s][metric] for s in common])
+                               for metric in metrics if metric in ("test_accuracy", "test_balanced_accuracy",
+                                                                   "test_nll", "epochs_to_level")}
+            entry["accuracy_vs_reference"] = interval([by_seed[s]["test_accuracy"] - reference[s]["test_accuracy"]
+                                                       for s in common])
         groups[group] = entry
-    summary = {"description": suite.description, "groups": groups}
+    compared = [group for group, entry in groups.items() if primary in entry.get("paired", {})]
+    p_holm = holm([groups[g]["paired"][primary]["p"] for g in compared])
+    tost_holm = holm([groups[g]["paired"][primary]["tost_p"] for g in compared])
+    for group, p_value, tost_value in zip(compared, p_holm, tost_holm):
+        analysis = groups[group]["paired"][primary]
+        analysis.update(p_holm=p_value, tost_p_holm=tost_value,
+                        verdict=verdict(analysis["mean"], p_value, tost_value))
+    summary = {"description": suite.description, "primary": primary, "level": suite.level,
+               "tuned": _read_tuned(out), "groups": groups}
     (out / "results.md").write_text(results_table(summary) + "\n")
     if curves:
         _plot(curves, out, configs)
@@ -268,20 +507,51 @@ def summarize(suite: Suite, out: str | Path, *, seeds: int | None = None, epochs
 
 
 def results_table(summary: Mapping[str, Any]) -> str:
-    """The summary as a Markdown table (accuracy and NLL/ECE mean ± std, 95% intervals, paired deltas)."""
-    lines = ["| variant | seeds | test accuracy % (mean ± std) | 95% CI | Δ accuracy vs (paired by seed, 95% CI) "
-             "| NLL | ECE |", "|---|---|---|---|---|---|---|"]
+    """The summary as Markdown: each variant's final metrics (mean ± std) and, against its reference, the
+    paired difference of the primary metric with its 95% interval, Holm-adjusted p, TOST p (±0.3 points),
+    the detection limit and the verdict; then what was tuned."""
+    from cycdata.train.analysis import EQUIVALENCE_MARGIN
+
+    primary = summary.get("primary", "test_accuracy")
+    level = summary.get("level")
+    label = primary.replace("test_", "test ").replace("_", " ")
+    timing = f" | epochs to {100 * level:.0f}% val" if level is not None else ""
+    lines = [f"| variant | seeds | {label} % (mean ± std) | NLL | ECE{timing} | Δ {label} vs (paired, 95% CI) "
+             "| p (Holm) | TOST p (Holm) | detectable Δ | verdict |",
+             "|---|---|---|---|---|" + ("---|" if timing else "") + "---|---|---|---|---|"]
     for group, entry in summary["groups"].items():
-        accuracy, nll, ece = entry["test_accuracy"], entry["test_nll"], entry["test_ece"]
-        delta = entry.get("accuracy_vs_reference")
-        delta_text = "—"
-        if delta:
-            spread = f" ± {100 * delta['ci95']:.2f}" if delta["n"] > 1 else ""
-            delta_text = f"{100 * delta['mean']:+.2f}{spread} vs {entry['compared_with']}"
-        lines.append(f"| {group} | {accuracy['n']} | {100 * accuracy['mean']:.2f} ± {_pct(accuracy['std'])} | "
-                     f"± {_pct(accuracy['ci95'])} | {delta_text} | {nll['mean']:.4f} ± {_num(nll['std'])} | "
-                     f"{ece['mean']:.4f} ± {_num(ece['std'])} |")
+        score, nll, ece = entry[primary], entry["test_nll"], entry["test_ece"]
+        cells = [group, str(score["n"]), f"{100 * score['mean']:.2f} ± {_pct(score['std'])}",
+                 f"{nll['mean']:.4f} ± {_num(nll['std'])}", f"{ece['mean']:.4f} ± {_num(ece['std'])}"]
+        if timing:
+            steps = entry.get("epochs_to_level", {"mean": math.nan, "std": math.nan})
+            cells.append(f"{steps['mean']:.1f} ± {_one(steps['std'])}")
+        analysis = entry.get("paired", {}).get(primary)
+        if analysis is None:
+            cells += ["—", "", "", "", ""]
+        else:
+            spread = f" ± {100 * analysis['ci95']:.2f}" if analysis["n"] > 1 else ""
+            cells += [f"{100 * analysis['mean']:+.2f}{spread} vs {entry['compared_with']}",
+                      _p(analysis.get("p_holm", math.nan)), _p(analysis.get("tost_p_holm", math.nan)),
+                      _pct(analysis["detectable"]), analysis.get("verdict", "n/a")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Paired by seed; p: paired t-test, Holm-adjusted across this table's comparisons; TOST: equivalence "
+                 f"within ±{100 * EQUIVALENCE_MARGIN:.1f} points (Holm-adjusted); detectable Δ: the smallest paired "
+                 "difference this many seeds find with power 0.8 at α 0.05; verdict at α 0.05.")
+    for group, settings in (summary.get("tuned") or {}).items():
+        lines.append(f"Tuned on validation: {group} {json.dumps(settings)}.")
     return "\n".join(lines)
+
+
+def _p(value: float) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _one(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.1f}"
 
 
 def _pct(value: float) -> str:

@@ -45,11 +45,13 @@ __all__ = ["METRIC_PANELS", "knobs_figure", "metrics_figure", "run_plan", "steps
 #: metrics.png: (title, y label, [(column, legend label, scale)]) per panel.
 METRIC_PANELS: tuple[tuple[str, str, tuple[tuple[str, str, float], ...]], ...] = (
     ("loss (nats per sample)", "nats",
-     (("train_loss", "train (its objective, during the epoch)", 1.0), ("test_nll", "test NLL", 1.0))),
-    ("accuracy (%)", "%", (("train_accuracy", "train, during the epoch", 100.0), ("test_accuracy", "test", 100.0),
-                           ("ema_test_accuracy", "test, model EMA", 100.0))),
-    ("test calibration error (ECE, 0 = calibrated)", "ECE", (("test_ece", "test", 1.0),
-                                                             ("ema_test_ece", "test, model EMA", 1.0))),
+     (("train_loss", "train (its objective, during the epoch)", 1.0), ("val_nll", "validation NLL", 1.0),
+      ("test_nll", "test NLL", 1.0))),
+    ("accuracy (%)", "%", (("train_accuracy", "train, during the epoch", 100.0),
+                           ("val_accuracy", "validation", 100.0), ("ema_val_accuracy", "validation, model EMA", 100.0),
+                           ("test_accuracy", "test", 100.0), ("ema_test_accuracy", "test, model EMA", 100.0))),
+    ("calibration error (ECE, 0 = calibrated)", "ECE", (("val_ece", "validation", 1.0), ("test_ece", "test", 1.0),
+                                                        ("ema_test_ece", "test, model EMA", 1.0))),
 )
 
 _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
@@ -175,22 +177,25 @@ def knobs_figure(history: Sequence[Mapping[str, Any]], names: Sequence[str], pla
 
 
 def suite_accuracy_figure(curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]]) -> Any:
-    """Test accuracy (%) per variant against epochs: the mean over seeds, ± one standard deviation shaded."""
+    """Accuracy (%) per variant against epochs: the mean over seeds, ± one standard deviation shaded. Runs with a
+    validation split draw it (their test split is read at the last epoch only)."""
     import numpy as np
 
     figure = new_figure(figsize=(10, 4.8))
     axis = figure.subplots()
     longest = 1
+    split = "val" if any("val_accuracy" in runs[0][0] for runs in curves.values() if runs and runs[0]) else "test"
     for index, (group, runs) in enumerate(curves.items()):
-        accuracy = np.array([[_number(row["test_accuracy"]) for row in rows] for rows in runs]) * 100
+        accuracy = np.array([[_number(row.get(f"{split}_accuracy")) for row in rows] for rows in runs]) * 100
         mean, std = accuracy.mean(axis=0), accuracy.std(axis=0)
         epochs = np.arange(1, accuracy.shape[1] + 1)
         longest = max(longest, accuracy.shape[1])
         color = _COLORS[index % len(_COLORS)]
         axis.plot(epochs, mean, color=color, label=f"{group} ({len(runs)} seeds)")
         axis.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.15)
-    axis.set_title("test accuracy (%), mean ± std over seeds", fontsize=10)
-    axis.set_ylabel("test accuracy (%)")
+    name = "validation" if split == "val" else "test"
+    axis.set_title(f"{name} accuracy (%), mean ± std over seeds", fontsize=10)
+    axis.set_ylabel(f"{name} accuracy (%)")
     epoch_axis(axis, longest)
     side_legend(axis)
     return figure

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -81,16 +82,26 @@ class EvalAccumulator:
     Samples whose logits are NaN or infinite (a diverged model) go to the first bin, so binning never
     fails; they make the NLL and ECE NaN and are counted in ``compute()["nonfinite"]``.
 
+    With ``num_classes``, also the balanced accuracy: the mean over the classes present of each class's recall
+    (what an imbalanced training split is scored by).
+
     Example:
         >>> scores = EvalAccumulator(num_bins=4)
         >>> scores.add(torch.tensor([[float("nan"), 0.0], [3.0, 0.0]]), torch.tensor([0, 0]))
         >>> result = scores.compute()
         >>> result["nonfinite"], math.isnan(result["ece"])
         (1.0, True)
+        >>> scores = EvalAccumulator(num_classes=2)   # class 0: 2 of 3 right, class 1: 1 of 1
+        >>> scores.add(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), torch.tensor([0, 0, 0, 1]))
+        >>> result = scores.compute()
+        >>> result["accuracy"], round(result["balanced_accuracy"], 4)
+        (0.75, 0.8333)
     """
 
-    def __init__(self, num_bins: int = 15, device: torch.device | None = None) -> None:
+    def __init__(self, num_bins: int = 15, device: torch.device | None = None, num_classes: int | None = None) -> None:
         self.num_bins = num_bins
+        # Rows: samples, correct; columns: classes (balanced accuracy).
+        self.classes = None if num_classes is None else torch.zeros(2, num_classes, dtype=torch.float64, device=device)
         # Rows: sample count, correct count, confidence sum; columns: bins. Plus NLL sum.
         self.bins = torch.zeros(3, num_bins, dtype=torch.float64, device=device)
         self.nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -109,6 +120,9 @@ class EvalAccumulator:
         self.bins[0].index_add_(0, which, ones)
         self.bins[1].index_add_(0, which, correct)
         self.bins[2].index_add_(0, which, confidence.double())
+        if self.classes is not None:
+            self.classes[0].index_add_(0, labels, ones)
+            self.classes[1].index_add_(0, labels, correct)
 
     def all_reduce(self) -> None:
         """Sum the accumulators over all DDP ranks."""
@@ -116,6 +130,8 @@ class EvalAccumulator:
             torch.distributed.all_reduce(self.bins)
             torch.distributed.all_reduce(self.nll)
             torch.distributed.all_reduce(self.nonfinite)
+            if self.classes is not None:
+                torch.distributed.all_reduce(self.classes)
 
     def compute(self) -> dict[str, float]:
         bins = self.bins.cpu()
@@ -124,27 +140,37 @@ class EvalAccumulator:
         if total == 0:
             return {"accuracy": math.nan, "nll": math.nan, "ece": math.nan, "samples": 0.0, "nonfinite": 0.0}
         gaps = (correct - confidence).abs()  # |n_b·acc_b − n_b·conf_b|
-        return {
+        result = {
             "accuracy": float(correct.sum()) / total,
             "nll": float(self.nll) / total,
             "ece": float(gaps.sum()) / total,
             "samples": total,
             "nonfinite": float(self.nonfinite),
         }
+        if self.classes is not None:
+            seen, right = self.classes.cpu()
+            present = seen > 0
+            result["balanced_accuracy"] = float((right[present] / seen[present]).mean())
+        return result
 
 
 class RunLogger:
     """Writes a run folder's ``metrics.csv`` (one row per epoch), TensorBoard events and plots.
 
     The CSV is rewritten whole from the history each epoch, so after a resume it holds exactly
-    the epochs the checkpoint knew about.
+    the epochs the checkpoint knew about. The plots are redrawn after the first epoch, the last one and
+    otherwise at most every ``PLOT_EVERY_SECONDS`` (drawing them costs more than an epoch of a small run).
     """
+
+    PLOT_EVERY_SECONDS = 30.0
 
     def __init__(self, folder: Path, history: Sequence[dict[str, Any]] = (), enabled: bool = True) -> None:
         self.folder = folder
         self.history: list[dict[str, Any]] = list(history)
         self.enabled = enabled
         self._writer: Any = None
+        self._plotted_at = -math.inf
+        self._stale = False  # epochs logged since the plots were drawn
         if enabled and _tensorboard_installed():
             from torch.utils.tensorboard import SummaryWriter
 
@@ -164,9 +190,14 @@ class RunLogger:
                 if name != "epoch" and isinstance(value, (int, float)):
                     self._writer.add_scalar(name, value, row["epoch"])
             self._writer.flush()
-        self._plot()
+        self._stale = True
+        if time.monotonic() - self._plotted_at >= self.PLOT_EVERY_SECONDS:
+            self._plot()
 
     def close(self) -> None:
+        """Draw what the last plots missed, close the events file."""
+        if self.enabled and self._stale:
+            self._plot()
         if self._writer is not None:
             self._writer.close()
 
@@ -189,6 +220,7 @@ class RunLogger:
 
         if self.plan is None:
             self.plan = run_plan(self.folder) or False  # False: tried, none; do not re-read every epoch
+        self._plotted_at, self._stale = time.monotonic(), False
         plan = self.plan or None
         knobs = [name for name in self.history[-1] if name.startswith(KNOB_PREFIXES)]
         epochs = plan.epochs if plan is not None else None
@@ -208,10 +240,14 @@ def _tensorboard_installed() -> bool:
 def summary_line(row: Mapping[str, Any], epochs: int) -> str:
     """The one line printed after each epoch: loss, accuracies, calibration, every knob and the speed."""
     knobs = "  ".join(f"{name} {value:.4g}" for name, value in row.items() if name.startswith(KNOB_PREFIXES))
-    ema = f"ema {100 * row['ema_test_accuracy']:.2f}%  " if "ema_test_accuracy" in row else ""
+    scores = ""
+    for split in ("val", "test"):  # a run with a validation split reads the test split at its last epoch only
+        if f"{split}_accuracy" in row:
+            ema = f"ema {100 * row[f'ema_{split}_accuracy']:.2f}%  " if f"ema_{split}_accuracy" in row else ""
+            scores += (f"{split} {100 * row[f'{split}_accuracy']:.2f}%  {ema}nll {row[f'{split}_nll']:.4f}  "
+                       f"ece {row[f'{split}_ece']:.4f}  ")
     return (
         f"epoch {row['epoch'] + 1:>3}/{epochs}  loss {row['train_loss']:.4f}  "
-        f"train {100 * row['train_accuracy']:.2f}%  test {100 * row['test_accuracy']:.2f}%  {ema}"
-        f"nll {row['test_nll']:.4f}  ece {row['test_ece']:.4f}  {knobs}  "
+        f"train {100 * row['train_accuracy']:.2f}%  {scores}{knobs}  "
         f"{row['images_per_second']:.0f} img/s  {row['epoch_seconds']:.1f}s"
     )

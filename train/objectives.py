@@ -115,11 +115,23 @@ def _identity(logits: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Supervised:
-    """ℓ_i = loss(z_i / T, y_i) for each labeled sample; accuracy on the untempered logits."""
+    """ℓ_i = loss(z_i / T, y_i) for each labeled sample; accuracy on the untempered logits.
+
+    With ``self_paced.ledger: plain`` the ledger records (and selection ranks) loss(z_i, y_i) instead, so losses
+    taken at different temperatures of a CST run compare; the trained loss stays the tempered one.
+    """
 
     config: RunConfig
     scale_logits: Callable[[Tensor], Tensor] = _identity  # CST: the hooks' ``scale_logits``
     sums: ClassVar[tuple[str, ...]] = ("loss", "correct", "samples")
+
+    def ledger_loss(self, batch: Batch, per_sample: Tensor) -> Tensor:
+        """What the ledger records and self-paced weights judge: ℓ itself, or its untempered twin."""
+        sp = self.config.self_paced
+        if sp is None or sp.ledger == "tempered" or self.config.temperature is None or self.scale_logits is _identity:
+            return per_sample
+        with torch.no_grad():
+            return training_loss(self.config, batch.knobs)(batch.labeled_logits.float(), batch.targets)
 
     def __call__(self, batch: Batch) -> tuple[Tensor, Sums]:
         logits = batch.labeled_logits
@@ -271,14 +283,15 @@ class Objective:
             share = self.distillation.share(batch)
             trained = (1.0 - share) * per_sample + share * distill
             sums.update(distill_sums)
-        weights = self.self_paced(per_sample, loader_weights)  # judged on ℓ alone, not on the blend
+        ranked = self.supervised.ledger_loss(batch, per_sample)
+        weights = self.self_paced(ranked, loader_weights)  # judged on ℓ alone, not on the blend
         loss = trained.mean() if weights is None else (trained * weights).sum() / len(trained)
         if self.fixmatch is not None:
             unlabeled, fixmatch_sums = self.fixmatch(batch)
             sums.update(fixmatch_sums)
             if unlabeled is not None:
                 loss = loss + unlabeled
-        return loss, per_sample, sums
+        return loss, ranked, sums
 
     def metrics(self, totals: Mapping[str, float], step_metrics: Mapping[str, float] | None = None) -> dict[str, float]:
         """The epoch's named metrics from its totals; ``step_metrics`` (gradient norm) follow the supervised ones."""

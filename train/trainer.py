@@ -58,6 +58,7 @@ from cycdata.train.builders import (
     build_optimizer,
     build_run_model,
     build_run_teacher,
+    build_eval_loader,
     build_test_loader,
     build_train_loader,
     collective_timeout,
@@ -284,14 +285,16 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: BatchLoader, config: RunConfig, normalize: Normalize, runtime: Runtime
+    model: nn.Module, loader: BatchLoader, config: RunConfig, normalize: Normalize, runtime: Runtime,
+    split: str = "test", num_classes: int | None = None,
 ) -> dict[str, float]:
-    """Top-1, NLL and ECE on the plain (untempered) logits, reduced over all ranks.
+    """Top-1, NLL and ECE on the plain (untempered) logits (with ``num_classes`` also the balanced accuracy),
+    reduced over all ranks, named ``{split}_accuracy`` and so on.
 
-    ``test_nonfinite`` (samples whose logits were NaN or infinite) is in the result only when some were.
+    ``{split}_nonfinite`` (samples whose logits were NaN or infinite) is in the result only when some were.
     """
     model.eval()
-    scores = EvalAccumulator(device=runtime.device)
+    scores = EvalAccumulator(device=runtime.device, num_classes=num_classes)
     amp = autocast(config, runtime.device)
     for images, labels, _indices in loader:
         with amp:
@@ -299,9 +302,11 @@ def evaluate(
         scores.add(logits, labels.to(runtime.device, non_blocking=True))
     scores.all_reduce()
     result = scores.compute()
-    metrics = {"test_accuracy": result["accuracy"], "test_nll": result["nll"], "test_ece": result["ece"]}
+    metrics = {f"{split}_accuracy": result["accuracy"], f"{split}_nll": result["nll"], f"{split}_ece": result["ece"]}
+    if "balanced_accuracy" in result:
+        metrics[f"{split}_balanced_accuracy"] = result["balanced_accuracy"]
     if result["nonfinite"]:
-        metrics["test_nonfinite"] = result["nonfinite"]
+        metrics[f"{split}_nonfinite"] = result["nonfinite"]
     return metrics
 
 
@@ -337,6 +342,15 @@ def train(
     normalize = build_normalize(config, data, runtime)
     train_loader = build_train_loader(config, data, runtime, plan, ladder)  # the data side reads the same plan
     test_loader = build_test_loader(config, data, runtime)
+    val_loader = None if data.val is None else build_eval_loader(config, data.val, runtime)
+
+    def eval_loaders(epoch: int) -> list[tuple[str, BatchLoader]]:
+        """What an epoch evaluates: with a validation split, it every epoch and the test split at the last
+        epoch only (every choice is made on the validation split); without one, the test split every epoch."""
+        if val_loader is None:
+            return [("test", test_loader)]
+        return [("val", val_loader)] + ([("test", test_loader)] if epoch == config.epochs - 1 else [])
+
     run = restore_run(resume_from, model, optimizer, train_loader, runtime.rank, ema=ema)
     train_model = wrap_for_training(model, config, runtime)
     context = EpochContext(hooks=hooks, optimizer=optimizer, config=config, normalize=normalize, runtime=runtime,
@@ -369,15 +383,18 @@ def train(
                                     every=config.runtime.log_steps, refresh=config.runtime.log_every)
             train_metrics = train_one_epoch(train_model, train_loader, epoch, context, report)
             train_seconds = time.perf_counter() - started
-            test_metrics = evaluate(model, test_loader, config, normalize, runtime)
-            if ema is not None:  # the EMA weights, evaluated as the model is (timm keeps the best by them)
-                ema_metrics = evaluate(ema.module, test_loader, config, normalize, runtime)  # type: ignore[arg-type]
-                ema_metrics.pop("test_nonfinite", 0)
-                test_metrics.update({f"ema_{name}": value for name, value in ema_metrics.items()})
-            if test_metrics.pop("test_nonfinite", 0):  # finite but huge weights: the outputs overflow
-                steps = len(train_loader)
-                raise TrainingDiverged("the model's outputs became NaN or infinite (evaluation)", epoch,
-                                       config.epochs, steps - 1, steps, hooks.values)
+            test_metrics: dict[str, float] = {}
+            for split, loader in eval_loaders(epoch):
+                test_metrics.update(evaluate(model, loader, config, normalize, runtime, split, data.num_classes))
+                if ema is not None:  # the EMA weights, evaluated as the model is (timm keeps the best by them)
+                    ema_metrics = evaluate(ema.module, loader, config, normalize, runtime, split,  # type: ignore[arg-type]
+                                           data.num_classes)
+                    ema_metrics.pop(f"{split}_nonfinite", 0)
+                    test_metrics.update({f"ema_{name}": value for name, value in ema_metrics.items()})
+                if test_metrics.pop(f"{split}_nonfinite", 0):  # finite but huge weights: the outputs overflow
+                    steps = len(train_loader)
+                    raise TrainingDiverged("the model's outputs became NaN or infinite (evaluation)", epoch,
+                                           config.epochs, steps - 1, steps, hooks.values)
             if report is not None:
                 report.close()
             row = {"epoch": epoch, **plan.at(epoch), **data_knobs, **train_metrics, **test_metrics,
