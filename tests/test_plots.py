@@ -205,7 +205,7 @@ def test_run_metrics_are_drawn_at_the_console_epochs(short_run: tuple[Path, list
     rows = read_rows(short_run[0])
     figure = metrics_figure(rows)
     assert [axis.get_title() for axis in panels(figure)] == [
-        "loss (nats per sample)", "accuracy (%)", "test calibration error (ECE, 0 = calibrated)"]
+        "loss (nats per sample)", "accuracy (%)", "calibration error (ECE, 0 = calibrated)"]
     accuracy = line(panel(figure, "accuracy (%)"), "test")
     assert list(accuracy.get_xdata()) == [1, 2, 3]
     assert list(accuracy.get_ydata()) == pytest.approx([100 * float(row["test_accuracy"]) for row in rows])
