@@ -330,6 +330,8 @@ class DataConfig:
                              "another class at random")
     imbalance: float = key(number(ge=1), 1.0, "long-tailed class imbalance, largest : smallest class (e.g. 20); "
                            "class c keeps n_max·ratio^(−c/(K−1)) training samples")
+    test: bool = key(boolean, True, "evaluate the test split (every epoch; at the last one only with a validation "
+                     "split); false: never (tuning runs, which choose on validation), needs data.val_split")
     draw_seed: int | None = key(optional(number(ge=0, integer=True)), 0,
                                 "seed of the subset, the split and the noise; null: the run's seed (each seed "
                                 "redraws them)")
@@ -633,6 +635,9 @@ def _check_consistency(config: RunConfig) -> None:
         if not isinstance(config.optim.lr, Constant):
             raise ConfigError("couple", "noise_scale derives the LR from the batch size and momentum; a cyclical "
                               "optim.lr conflicts with it: give optim.lr as a number (the starting LR)")
+    if not config.data.test and config.data.val_split == 0:
+        raise ConfigError("data.test", "false leaves the run nothing to evaluate: hold out a validation split "
+                          "(data.val_split, e.g. 0.1) or set data.test: true")
     if config.distill is not None and not config.distill.teacher:
         raise ConfigError("distill.teacher", "is required: a checkpoint file or run folder, or MODEL:WEIGHTS")
     _check_lr_run(config)

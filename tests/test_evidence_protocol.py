@@ -101,6 +101,7 @@ def test_stratified_split_keeps_a_sample_of_every_class_on_both_sides() -> None:
     ("data.label_noise", -0.1, "data.label_noise: got -0.1"),
     ("data.imbalance", 0.5, "data.imbalance: got 0.5"),
     ("self_paced.ledger", "raw", "self_paced.ledger"),
+    ("data.test", False, "data.test: false leaves the run nothing to evaluate"),
 ])
 def test_bad_regime_settings_are_one_line_naming_the_key(key: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -154,6 +155,7 @@ def test_tuning_chooses_on_validation_even_when_the_test_split_disagrees(tmp_pat
                                 "variants": {"a": {}, "b": {"temperature": None}}})
     runs = suite.tuning_runs()
     assert {run.seed for run in runs} == {1000, 1001}  # never a reported seed
+    assert not any(run.config.data.test for run in runs)  # and never a look at the test split
     for run in runs:  # point 1 is better on validation, point 0 on test
         _fake_run(tmp_path / run.name, 2, val=0.9 if run.index == 1 else 0.8, test=0.99 if run.index == 0 else 0.5)
     tuned = choose_tuned(suite, tmp_path)
@@ -190,6 +192,8 @@ def test_a_tuned_suite_runs_end_to_end_side_by_side(tmp_path: Path) -> None:
     lines: list[str] = []
     summary = run_suite(suite, tmp_path, log=lines.append)
     assert len(lines) == 2 + 4 and (tmp_path / "tuned.json").is_file()
+    tuning_rows = (tmp_path / "tune" / "a" / "point-0" / "seed-1000" / "metrics.csv").read_text()
+    assert "val_accuracy" in tuning_rows and "test_accuracy" not in tuning_rows
     assert summary["groups"]["b"]["paired"]["test_accuracy"]["n"] == 2
     again: list[str] = []
     run_suite(suite, tmp_path, log=again.append)

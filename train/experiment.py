@@ -179,8 +179,9 @@ class Suite:
             for dataset in self.datasets or (None,):
                 for variant, grid in self.tune.items():
                     for index, point in enumerate(_grid_points(grid)):
+                        # A tuning run chooses on validation: it never reads the test split.
                         raw = apply_settings(apply_settings({}, self.base), {**self.variants[variant], **point,
-                                                                              "seed": seed})
+                                                                              "seed": seed, "data.test": False})
                         if dataset is not None:
                             raw = apply_settings(raw, {"data.dataset": dataset})
                         if epochs is not None:

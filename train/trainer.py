@@ -346,10 +346,12 @@ def train(
 
     def eval_loaders(epoch: int) -> list[tuple[str, BatchLoader]]:
         """What an epoch evaluates: with a validation split, it every epoch and the test split at the last
-        epoch only (every choice is made on the validation split); without one, the test split every epoch."""
+        epoch only (every choice is made on the validation split; never with ``data.test: false``); without
+        one, the test split every epoch."""
         if val_loader is None:
             return [("test", test_loader)]
-        return [("val", val_loader)] + ([("test", test_loader)] if epoch == config.epochs - 1 else [])
+        last = epoch == config.epochs - 1 and config.data.test
+        return [("val", val_loader)] + ([("test", test_loader)] if last else [])
 
     run = restore_run(resume_from, model, optimizer, train_loader, runtime.rank, ema=ema)
     train_model = wrap_for_training(model, config, runtime)
