@@ -151,17 +151,21 @@ class Suite:
                     group = f"{dataset}/{variant}" if dataset else variant
                     settings = {**self.inherited(tuned or {}, dataset, variant), **settings,
                                 **(tuned or {}).get(group, {})}
-                    raw = apply_settings(apply_settings({}, self.base), {"seed": seed, **settings})
-                    if dataset is not None:
-                        raw = apply_settings(raw, {"data.dataset": dataset})
-                    if epochs is not None:
-                        raw = apply_settings(raw, {"epochs": epochs})
-                    try:
-                        config = parse_config(raw)
-                    except ConfigError as error:
-                        raise ConfigError(f"variant {variant}", str(error)) from None
+                    config = self._config({"seed": seed, **settings}, dataset, epochs, f"variant {variant}")
                     runs.append(Run(dataset, variant, seed, config))
         return runs
+
+    def _config(self, settings: Mapping[str, Any], dataset: str | None, epochs: int | None, where: str) -> RunConfig:
+        """The base with ``settings`` (and the dataset, the epochs override) applied, validated."""
+        raw = apply_settings(apply_settings({}, self.base), dict(settings))
+        if dataset is not None:
+            raw = apply_settings(raw, {"data.dataset": dataset})
+        if epochs is not None:
+            raw = apply_settings(raw, {"epochs": epochs})
+        try:
+            return parse_config(raw)
+        except ConfigError as error:
+            raise ConfigError(where, str(error)) from None
 
     def inherited(self, tuned: Mapping[str, Mapping[str, Any]], dataset: str | None, variant: str) -> dict[str, Any]:
         """The baseline's tuned constants that ``variant`` takes over: those it neither sets nor tunes itself, so
@@ -180,16 +184,8 @@ class Suite:
                 for variant, grid in self.tune.items():
                     for index, point in enumerate(_grid_points(grid)):
                         # A tuning run chooses on validation: it never reads the test split.
-                        raw = apply_settings(apply_settings({}, self.base), {**self.variants[variant], **point,
-                                                                              "seed": seed, "data.test": False})
-                        if dataset is not None:
-                            raw = apply_settings(raw, {"data.dataset": dataset})
-                        if epochs is not None:
-                            raw = apply_settings(raw, {"epochs": epochs})
-                        try:
-                            config = parse_config(raw)
-                        except ConfigError as error:
-                            raise ConfigError(f"tune.{variant} point {point}", str(error)) from None
+                        settings = {**self.variants[variant], **point, "seed": seed, "data.test": False}
+                        config = self._config(settings, dataset, epochs, f"tune.{variant} point {point}")
                         group = f"{dataset}/{variant}" if dataset else variant
                         out.append(TuningRun(group, index, point, seed, config))
         return out
@@ -346,7 +342,7 @@ def _set_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the worker's lifetime
+    sys.stdout = open(os.devnull, "w")
 
 
 def _run_one(config: RunConfig, folder_name: str, out_name: str) -> dict[str, Any]:
