@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from cycdata.augment_ladder.ladder import Ladder, LadderError, load_ladder
 from cycdata.config import ConfigError, RunConfig, RunStopped
-from cycdata.loaders.datasets import DatasetSplits, ImageFileDataset, TensorImageDataset, load_dataset
+from cycdata.loaders.datasets import DatasetSplits, ImageFileDataset, load_dataset
 from cycdata.loaders.device_loader import fits_in_memory
 from cycdata.loaders.torch_loader import BatchLoader, CyclicalLoader
 from cycdata.plan import Plan
@@ -195,10 +195,10 @@ def limit_train(data: DatasetSplits, count: int | None, generator: torch.Generat
         raise ConfigError("data.train_limit", f"needs an in-memory dataset or image files; {data.name} is neither")
     if count >= len(labels):
         return data
-    chosen = labeled_subset(labels, count, data.num_classes, generator)
-    if files:  # the same files, fewer of them: still decoded one by one when read
-        return replace(data, train=data.train.subset(chosen.tolist()))
-    return replace(data, train=TensorImageDataset(images[chosen], labels[chosen]))
+    from cycdata.train.regimes import take_samples  # the same files (still decoded when read) or tensors, fewer
+
+    return replace(data, train=take_samples(data.train, labeled_subset(labels, count, data.num_classes, generator),
+                                            key="data.train_limit"))
 
 
 def labeled_subset(labels: Tensor, count: int, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
