@@ -13,7 +13,7 @@ Example:
     ...             "test_accuracy": 0.6, "test_ece": 0.05}]
     >>> figure = metrics_figure(history)
     >>> [axis.get_title() for axis in figure.axes]
-    ['loss (nats per sample)', 'accuracy (%)', 'test calibration error (ECE, 0 = calibrated)']
+    ['loss (nats per sample)', 'accuracy (%)', 'calibration error (ECE, 0 = calibrated)']
     >>> test = figure.axes[1].lines[1]  # accuracy (%), test: at the console's epochs 1 and 2
     >>> [int(x) for x in test.get_xdata()], [float(y) for y in test.get_ydata()]
     ([1, 2], [40.0, 60.0])
