@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from cycdata.schedules import SHAPES, Constant, Cyclical, Schedule
+from cycdata.schedules import SHAPES, Constant, Cyclical, Piecewise, Schedule
 
 __all__ = [
     "AugmentConfig",
@@ -209,7 +209,7 @@ def _did_you_mean(word: str, known: Iterable[str], prefix: str = "") -> str:
 # Knobs
 # --------------------------------------------------------------------------------------------
 
-_KNOB_KEYS = ("easy", "hard", "factor", "shape", "value")
+_KNOB_KEYS = ("easy", "hard", "factor", "shape", "value", "points")
 
 
 def knob(
@@ -220,7 +220,9 @@ def knob(
     lt: float | None = None,
     integer: bool = False,
 ) -> Parser:
-    """A parser for a knob: a number, ``{value: v}`` or ``{easy, hard, factor?, shape?}``."""
+    """A parser for a knob: a number, ``{value: v}``, ``{easy, hard, factor?, shape?}`` or ``{points: [[t, v], ...]}``
+    (straight lines through the points over the run's progress t ∈ [0, 1], flat outside; two points at one t
+    make a step)."""
     bound = number(ge=ge, gt=gt, le=le, lt=lt, integer=integer)
 
     def parse(key: str, raw: Any, ctx: Mapping[str, Any]) -> Schedule:
@@ -233,8 +235,10 @@ def knob(
                 raise ConfigError(
                     f"{key}.{name}",
                     f"unknown knob key{_did_you_mean(str(name), _KNOB_KEYS, key + '.')}; "
-                    "a knob takes easy, hard, factor, shape (or value)",
+                    "a knob takes easy, hard, factor, shape (or value, or points)",
                 )
+        if "points" in raw:
+            return _points_knob(key, raw, bound, ctx)
         if "value" in raw:
             if len(raw) > 1:
                 raise ConfigError(key, "a constant knob {value: ...} takes no easy/hard/factor/shape")
@@ -249,6 +253,26 @@ def knob(
         return Cyclical(easy=easy, hard=hard, factor=factor, shape=shape)
 
     return parse
+
+
+def _points_knob(key: str, raw: Mapping[str, Any], bound: Parser, ctx: Mapping[str, Any]) -> Piecewise:
+    """``{points: [[t, v], ...]}``: t in [0, 1], in order; each v within the knob's bounds."""
+    if len(raw) > 1:
+        raise ConfigError(key, "a knob {points: [[t, v], ...]} takes no easy/hard/factor/shape/value")
+    points = raw["points"]
+    if not isinstance(points, (list, tuple)) or not points:
+        raise ConfigError(f"{key}.points", f"got {points!r}, expected a list of [t, value] pairs, e.g. "
+                          "[[0, 0.57], [0.9, 0.57], [0.9, 1.0]]")
+    pairs = []
+    for number_, point in enumerate(points):
+        where = f"{key}.points[{number_}]"
+        if not isinstance(point, (list, tuple)) or len(point) != 2:
+            raise ConfigError(where, f"got {point!r}, expected a pair [t, value] with t in [0, 1]")
+        t = number(ge=0, le=1)(f"{where}[0]", point[0], ctx)
+        if pairs and t < pairs[-1][0]:
+            raise ConfigError(where, f"t = {t:g} comes after t = {pairs[-1][0]:g}: give the points in order of t")
+        pairs.append((t, bound(f"{where}[1]", point[1], ctx)))
+    return Piecewise(tuple(pairs))
 
 
 def knob_range(schedule: Schedule | None) -> tuple[float, float] | None:
@@ -335,6 +359,10 @@ class DataConfig:
     draw_seed: int | None = key(optional(number(ge=0, integer=True)), 0,
                                 "seed of the subset, the split and the noise; null: the run's seed (each seed "
                                 "redraws them)")
+    min_last_batch: float = key(number(ge=0, le=1), 0.5,
+                                "a training epoch's last batch smaller than this share of the batch joins the batch "
+                                "before (BatchNorm's statistics of a 2-sample batch can wreck a run); 0: only a "
+                                "single sample does")
     eval_batch_size: int = key(number(gt=0, integer=True), 500, "batch size for evaluation")
     image_size: int | None = key(optional(number(ge=8, le=2048, integer=True)), None,
                                  "the image side the model sees (training crops; evaluation resizes and centre-crops); "
@@ -444,6 +472,13 @@ class SelfPacedConfig:
     refresh: float = key(number(ge=0, le=1), 0.05, "share of excluded samples re-admitted each epoch (stale losses)")
     ema: float | None = key(optional(number(ge=0, lt=1)), None,
                             "loss-ledger smoothing: new = ema·old + (1 − ema)·loss; null keeps the latest loss")
+    policy: str = key(choice("easy_first", "prune"), "easy_first",
+                      "easy_first: train on the lowest-loss keep share (the paper's self-paced learning); prune: "
+                      "drop well-learned samples at random down to the keep share, rescaled (InfoBatch)")
+    rescale: bool = key(boolean, True, "prune: weigh kept well-learned samples by 1/keep-probability (unbiased)")
+    max_drop: float = key(number(gt=0, lt=1), 0.5,
+                          "prune: the largest share of the well-learned (below-mean loss) samples dropped; the pool "
+                          "widens by loss rank when the budget needs more")
     ledger: str = key(choice("tempered", "plain"), "tempered",
                       "the loss the ledger records and selection ranks: tempered (on z/T, the trained loss) or "
                       "plain (on z, comparable across CST's temperatures)")
@@ -648,6 +683,23 @@ def _check_consistency(config: RunConfig) -> None:
             "set exactly one of self_paced.keep (a fraction) or self_paced.threshold "
             "(a loss value); use 'keep: null' to select by threshold",
         )
+    if sp is not None and sp.policy == "prune":
+        _check_pruning(config, sp)
+
+
+def _check_pruning(config: RunConfig, sp: SelfPacedConfig) -> None:
+    """Pruning needs an exact budget (keep), its own weights (hard weighting), the epoch level and a shorter epoch."""
+    if sp.keep is None:
+        raise ConfigError("self_paced.threshold", "policy prune trains on an exact share of the data each epoch: "
+                          "give self_paced.keep (e.g. 0.6) and threshold: null")
+    if sp.weighting != "hard":
+        raise ConfigError("self_paced.weighting", f"got {sp.weighting!r}; policy prune's weights are the inverse "
+                          "keep probabilities: use weighting: hard")
+    if sp.level != "epoch":
+        raise ConfigError("self_paced.level", "policy prune shortens the epoch in the sampler: use level: epoch")
+    if config.semi_supervised is not None:
+        raise ConfigError("self_paced.policy", "prune saves passes by shortening the epoch, but a semi-supervised "
+                          "epoch has a fixed step count: use policy: easy_first, or drop semi_supervised")
 
 
 def _check_lr_run(config: RunConfig) -> None:
@@ -931,6 +983,8 @@ def _schedule_to_raw(schedule: Schedule) -> Any:
         return schedule.value
     if isinstance(schedule, Cyclical):
         return {"easy": schedule.easy, "hard": schedule.hard, "factor": schedule.factor, "shape": schedule.shape}
+    if isinstance(schedule, Piecewise):
+        return {"points": [[t, value] for t, value in schedule.points]}
     raise TypeError(f"cannot write schedule {schedule!r} to a config")
 
 
@@ -946,7 +1000,7 @@ def config_to_dict(config: Any) -> Any:
         if isinstance(threshold, dict):
             return {**threshold, "mode": config.mode}
         return threshold if config.mode == "norm" else {"value": threshold, "mode": config.mode}
-    if isinstance(config, (Constant, Cyclical)):
+    if isinstance(config, (Constant, Cyclical, Piecewise)):
         return _schedule_to_raw(config)
     if dataclasses.is_dataclass(config):
         return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)

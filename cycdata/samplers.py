@@ -318,42 +318,58 @@ class EpochPlan:
     refreshed: int = 0
     strength: float = 0.0
 
-    def num_batches(self, drop_last: bool = False) -> int:
-        return batch_count(len(self.order), self.batch_size, drop_last)
+    def num_batches(self, drop_last: bool = False, min_last_batch: float = 0.0) -> int:
+        return batch_count(len(self.order), self.batch_size, drop_last, min_last_batch)
 
 
 #: The smallest last batch a training epoch keeps on its own: a remainder below it joins the batch before.
 MIN_LAST_BATCH = 2
 
 
-def batch_count(samples: int, batch_size: int, drop_last: bool = False) -> int:
+def smallest_last_batch(batch_size: int, min_last_batch: float = 0.0) -> int:
+    """The smallest remainder kept as a batch of its own: ``ceil(min_last_batch·batch_size)``, at least 2.
+
+    Example:
+        >>> smallest_last_batch(64), smallest_last_batch(64, 0.5), smallest_last_batch(3, 0.5)
+        (2, 32, 2)
+    """
+    return max(MIN_LAST_BATCH, fraction_count(min_last_batch, batch_size, round_up=True))
+
+
+def batch_count(samples: int, batch_size: int, drop_last: bool = False, min_last_batch: float = 0.0) -> int:
     """Batches of ``batch_size`` over ``samples``: the last one partial unless dropped, never a single sample.
 
     A remainder of one sample (4000 = 43·93 + 1) is merged into the batch before it (a batch of
     ``batch_size + 1``): BatchNorm cannot train on a batch of one ("Expected more than 1 value per
-    channel") and one sample makes a one-sample gradient step. Every sample is still seen once; with
-    ``drop_last`` the remainder is dropped, as a DataLoader drops it. An epoch of a single sample stays one batch.
+    channel") and one sample makes a one-sample gradient step. ``min_last_batch`` (a share of the batch)
+    merges larger remainders too: BatchNorm's running statistics take a 2-sample batch's moments at
+    full momentum, which can wreck them (self-paced selection keeps 322 = 5·64 + 2 samples some epochs).
+    Every sample is still seen once; with ``drop_last`` the remainder is dropped, as a DataLoader drops
+    it. An epoch of fewer samples than one batch stays one batch.
 
     Example:
         >>> batch_count(10, 4), batch_count(10, 4, drop_last=True), batch_count(9, 4), batch_count(1, 4)
         (3, 2, 2, 1)
+        >>> batch_count(322, 64), batch_count(322, 64, min_last_batch=0.5), batch_count(352, 64, min_last_batch=0.5)
+        (6, 5, 6)
     """
     if drop_last:
         return samples // batch_size
     full, remainder = divmod(samples, batch_size)
-    if 0 < remainder < MIN_LAST_BATCH and full > 0:
+    if 0 < remainder < smallest_last_batch(batch_size, min_last_batch) and full > 0:
         return full  # the remainder rides with the last full batch
     return full + (remainder > 0)
 
 
-def split_batches(order: torch.Tensor, batch_size: int, drop_last: bool = False) -> list[torch.Tensor]:
+def split_batches(order: torch.Tensor, batch_size: int, drop_last: bool = False,
+                  min_last_batch: float = 0.0) -> list[torch.Tensor]:
     """``order`` cut into the :func:`batch_count` batches: views, a too-small remainder joined to the batch before.
 
     Example:
         >>> [piece.tolist() for piece in split_batches(torch.arange(9), 4)]
         [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
     """
-    count = batch_count(len(order), batch_size, drop_last)
+    count = batch_count(len(order), batch_size, drop_last, min_last_batch)
     # One split makes every batch's view at once: cheaper than slicing them one by one (782 batches of 64:
     # 0.9 ms against 2.6 ms on a 2-core CPU).
     pieces = list(order.split(batch_size))
@@ -381,10 +397,13 @@ SELF_PACED_KNOBS = frozenset({"self_paced.keep", "self_paced.threshold"})
 
 
 def self_paced_choice(ledger: LossLedger, pool: torch.Tensor | None, knobs: DataKnobs, *, weighting: str,
-                      labels: torch.Tensor | None, refresh_fraction: float, generator: torch.Generator
+                      labels: torch.Tensor | None, refresh_fraction: float, generator: torch.Generator,
+                      policy: str = "easy_first", rescale: bool = True, max_drop: float = 0.5,
                       ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
     """The epoch's self-paced choice among ``pool`` (dataset indices; None: every sample): the kept dataset
-    indices, dense per-dataset-index weights (None with hard weighting) and the numbers logged for it.
+    indices, dense per-dataset-index weights (None when every kept sample weighs 1: hard weighting, or
+    pruning without rescaling) and the numbers logged for it. ``policy``, ``rescale`` and ``max_drop`` are
+    :func:`cycdata.selection.select`'s.
 
     Example:
         >>> ledger = LossLedger(6)
@@ -401,10 +420,11 @@ def self_paced_choice(ledger: LossLedger, pool: torch.Tensor | None, knobs: Data
         losses, seen, nonfinite = losses[pool], seen[pool], nonfinite[pool]
         labels = None if labels is None else labels[pool]
     selection = select(losses, seen, keep=knobs.keep, threshold=knobs.threshold, weighting=weighting,
-                       labels=labels, refresh_fraction=refresh_fraction, generator=generator, nonfinite=nonfinite)
+                       labels=labels, refresh_fraction=refresh_fraction, generator=generator, nonfinite=nonfinite,
+                       policy=policy, rescale=rescale, max_drop=max_drop)
     kept = selection.indices if pool is None else pool[selection.indices]
     weights = None
-    if weighting != "hard":
+    if weighting != "hard" or (policy == "prune" and rescale):
         weights = torch.zeros(ledger.size, dtype=torch.float32)
         weights[kept] = selection.weights
     stats = {"kept": len(kept), "threshold": selection.threshold, "unseen": selection.unseen,
@@ -442,8 +462,12 @@ class CyclicalBatchSampler:
         labels: per-sample labels for per-class selection, or None.
         ledger: the loss ledger; created on demand when selection is on.
         refresh_fraction: share of excluded samples re-admitted each epoch to refresh their loss.
+        policy, rescale, max_drop: the selection's direction (``easy_first`` or ``prune``) and pruning's
+            options (:func:`cycdata.selection.select`).
         seed, shuffle, rank, world_size, drop_last: as for ``torch.utils.data.DistributedSampler``;
             rank and world size default to the process group's when an epoch is planned.
+        min_last_batch: a last batch smaller than this share of the batch size joins the batch before
+            (:func:`batch_count`; 0: only a single sample does).
 
     Example:
         >>> from cycdata.schedules import Cyclical
@@ -455,7 +479,8 @@ class CyclicalBatchSampler:
     def __init__(self, size: int, *, plan: Plan, select_samples: bool | None = None, weighting: str = "hard",
                  labels: torch.Tensor | None = None, ledger: LossLedger | None = None,
                  refresh_fraction: float = 0.05, seed: int = 0, shuffle: bool = True, rank: int | None = None,
-                 world_size: int | None = None, drop_last: bool = False) -> None:
+                 world_size: int | None = None, drop_last: bool = False, policy: str = "easy_first",
+                 rescale: bool = True, max_drop: float = 0.5, min_last_batch: float = 0.0) -> None:
         if size <= 0:
             raise ValueError(f"need a non-empty dataset, got size={size}")
         check_rank(rank, world_size)
@@ -469,6 +494,8 @@ class CyclicalBatchSampler:
         self.shuffle = shuffle
         self.rank_arg, self.world_size_arg = rank, world_size
         self.drop_last = drop_last
+        self.min_last_batch = min_last_batch
+        self.policy, self.rescale, self.max_drop = policy, rescale, max_drop
         self.ledger = ledger if ledger is not None or not self.selecting else LossLedger(size)
         self._plans: dict[int, EpochPlan] = {}
         self._skip: dict[int, int] = {}
@@ -482,7 +509,8 @@ class CyclicalBatchSampler:
         assert self.ledger is not None
         return self_paced_choice(self.ledger, None, knobs, weighting=self.weighting, labels=self.labels,
                                  refresh_fraction=self.refresh_fraction,
-                                 generator=epoch_generator(self.seed, epoch, stream=1))
+                                 generator=epoch_generator(self.seed, epoch, stream=1), policy=self.policy,
+                                 rescale=self.rescale, max_drop=self.max_drop)
 
     def planned(self, epoch: int) -> bool:
         """Whether ``epoch``'s plan is fixed already."""
@@ -531,15 +559,15 @@ class CyclicalBatchSampler:
         """Batches in ``epoch``; known up front except in threshold mode (then the epoch is planned)."""
         samples = self.samples(epoch)
         if samples is None:
-            return self.epoch_plan(epoch).num_batches(self.drop_last)
-        return batch_count(samples, self.knobs(epoch).batch_size, self.drop_last)
+            return self.epoch_plan(epoch).num_batches(self.drop_last, self.min_last_batch)
+        return batch_count(samples, self.knobs(epoch).batch_size, self.drop_last, self.min_last_batch)
 
     def batches(self, epoch: int) -> Iterator[PlannedBatch]:
         """The epoch's batches (after a mid-epoch restore: the ones not yet consumed)."""
         plan = self.epoch_plan(epoch)
         skip = self._skip.pop(epoch, 0)
         per_step = self.plan.clock.unit == "step" and "augment.strength" in self.plan.names
-        pieces = split_batches(plan.order, plan.batch_size, self.drop_last)
+        pieces = split_batches(plan.order, plan.batch_size, self.drop_last, self.min_last_batch)
         for number in range(skip, len(pieces)):
             indices = pieces[number]
             strength = plan.strength
@@ -673,7 +701,8 @@ class SemiSupervisedBatchSampler:
     def __init__(self, labeled: torch.Tensor, unlabeled: torch.Tensor, *, plan: Plan, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, select_samples: bool | None = None,
                  weighting: str = "hard", labels: torch.Tensor | None = None, ledger: LossLedger | None = None,
-                 refresh_fraction: float = 0.05) -> None:
+                 refresh_fraction: float = 0.05, policy: str = "easy_first", rescale: bool = True,
+                 max_drop: float = 0.5) -> None:
         if "semi_supervised.ratio" not in plan.names:
             raise ValueError("semi-supervised batches need a semi_supervised.ratio knob (unlabeled_ratio=)")
         check_rank(rank, world_size)
@@ -689,6 +718,7 @@ class SemiSupervisedBatchSampler:
         self.total = len(labeled) + len(unlabeled)
         self.selecting = selects_samples(plan, select_samples)
         self.weighting, self.labels, self.refresh_fraction = weighting, labels, refresh_fraction
+        self.policy, self.rescale, self.max_drop = policy, rescale, max_drop
         self.ledger = ledger if ledger is not None or not self.selecting else LossLedger(self.total)
         self._streams: tuple[IndexStream, IndexStream] | None = None
         self._restored: dict[str, Any] | None = None
@@ -746,7 +776,8 @@ class SemiSupervisedBatchSampler:
                 assert self.ledger is not None
                 kept, weights, stats = self_paced_choice(
                     self.ledger, self.labeled_pool, knobs, weighting=self.weighting, labels=self.labels,
-                    refresh_fraction=self.refresh_fraction, generator=epoch_generator(self.seed, epoch, stream=1))
+                    refresh_fraction=self.refresh_fraction, generator=epoch_generator(self.seed, epoch, stream=1),
+                    policy=self.policy, rescale=self.rescale, max_drop=self.max_drop)
                 kept = kept.sort().values
             else:
                 kept, weights, stats = self.labeled_pool, None, {"kept": len(self.labeled_pool)}

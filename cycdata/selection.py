@@ -9,7 +9,21 @@ loss threshold ``λ`` (hard, linear, logarithmic, mixture). :func:`select` turns
   highest-loss seen sample admitted by rank.
 * **threshold mode** (``threshold``: λ itself): the seen samples whose weight is > 0.
 
-Policies (each chosen so that every rank, given the same ledger and seed, selects the same set):
+Two directions, as policies of the one ledger (``policy``):
+
+* **easy_first** (the paper's self-paced keep, the default): train on the lowest-loss samples; the rules
+  below.
+* **prune** (InfoBatch's direction, SPEC.md §10b): keep mode only. Drop ``N − ceil(keep·N)`` samples, all
+  of them *well-learned*, at random, and weigh the kept well-learned ones by the inverse of their keep
+  probability so the epoch's expected (weighted) gradient is the full epoch's. The well-learned pool W is
+  the seen samples whose loss is below the seen mean (InfoBatch's rule), widened by loss rank (then by
+  unseen samples, drawn at random) until at most ``max_drop`` of it is dropped; the dropped samples are a
+  uniformly random subset of W, so each member of W is kept with probability exactly ``(|W| − D)/|W|`` and
+  weighs ``|W|/(|W| − D)`` (1 with ``rescale=False``). Every sample outside W trains with weight 1;
+  ``keep = 1`` trains on everything. There is no refresh: a dropped sample's loss is as fresh as
+  the epoch it was last drawn in, and it is drawn again at random.
+
+Easy-first policies (each chosen so that every rank, given the same ledger and seed, selects the same set):
 
 * **Unseen samples first.** A sample without a loss is admitted before any seen sample is excluded,
   with weight 1; otherwise a sample excluded in epoch 0 would never get a loss. When the unseen
@@ -52,7 +66,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -60,9 +74,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["WEIGHTINGS", "Selection", "loss_quantile", "select", "spl_weights"]
+__all__ = ["POLICIES", "WEIGHTINGS", "Selection", "loss_quantile", "prune_weight", "select", "spl_weights"]
 
 WEIGHTINGS = ("hard", "linear", "log", "mixture")
+POLICIES = ("easy_first", "prune")
 
 # Below this many entries torch.kthvalue is already fast; above it, bracket the rank with a sample.
 _DIRECT_SELECT = 1 << 18
@@ -445,7 +460,8 @@ def _check_select_inputs(losses: Tensor, seen: Tensor, keep: float | None, thres
 def select(losses: Tensor, seen: Tensor, *, keep: float | None = None, threshold: float | None = None,
            weighting: str = "hard", labels: Tensor | None = None, refresh_fraction: float = 0.05,
            mixture_ratio: float = 0.5, generator: torch.Generator | None = None,
-           nonfinite: Tensor | None = None) -> Selection:
+           nonfinite: Tensor | None = None, policy: str = "easy_first", rescale: bool = True,
+           max_drop: float = 0.5) -> Selection:
     """Choose the samples (and their weights) for one epoch; the policies are in the module docstring.
 
     Args:
@@ -462,6 +478,10 @@ def select(losses: Tensor, seen: Tensor, *, keep: float | None = None, threshold
             seeded from (seed, epoch) for a new draw each epoch.
         nonfinite: bool ``[N]``, samples whose latest loss was NaN or infinite (``LossLedger.nonfinite``):
             ranked last, as the worst (module docstring), or None.
+        policy: ``easy_first`` (keep the lowest-loss samples) or ``prune`` (drop well-learned samples at
+            random, keep mode with hard weighting only; module docstring).
+        rescale: with ``prune``, weigh the kept well-learned samples by their inverse keep probability.
+        max_drop: with ``prune``, the largest share of the well-learned pool dropped, in (0, 1).
 
     Returns:
         A :class:`Selection` on the device of ``losses``.
@@ -475,6 +495,7 @@ def select(losses: Tensor, seen: Tensor, *, keep: float | None = None, threshold
     """
     _check_select_inputs(losses, seen, keep, threshold, labels, refresh_fraction)
     _check_weighting(weighting, threshold, mixture_ratio)
+    _check_policy(policy, keep, weighting, max_drop)
     if nonfinite is not None and (not isinstance(nonfinite, Tensor) or nonfinite.dtype != torch.bool
                                   or nonfinite.shape != losses.shape):
         raise ValueError(f"nonfinite must be a bool tensor shaped like losses {tuple(losses.shape)} "
@@ -492,12 +513,118 @@ def select(losses: Tensor, seen: Tensor, *, keep: float | None = None, threshold
                                generator)
         return Selection(pool[part.indices], part.weights, part.threshold, part.unseen, part.refreshed)
     assert keep is not None
+    if policy == "prune":
+        def choose(pool_losses: Tensor, pool_seen: Tensor, marked: Tensor | None, target: int) -> Selection:
+            return _prune_keeping_worst(pool_losses, pool_seen, marked, target, max_drop, rescale, generator)
+    else:
+        def choose(pool_losses: Tensor, pool_seen: Tensor, marked: Tensor | None, target: int) -> Selection:
+            return _keep_worst_last(pool_losses, pool_seen, marked, target, weighting, refresh_fraction,
+                                    mixture_ratio, generator)
     if labels is None:
-        target = fraction_count(keep, losses.numel(), round_up=True)
-        return _keep_worst_last(losses, seen, nonfinite, target, weighting, refresh_fraction, mixture_ratio,
-                                generator)
-    return _keep_per_class(losses, seen, keep, labels.to(losses.device), weighting, refresh_fraction,
-                           mixture_ratio, generator, nonfinite)
+        return choose(losses, seen, nonfinite, fraction_count(keep, losses.numel(), round_up=True))
+    return _keep_per_class(losses, seen, keep, labels.to(losses.device), choose, nonfinite)
+
+
+def _check_policy(policy: str, keep: float | None, weighting: str, max_drop: float) -> None:
+    """Refuse an unknown policy, or pruning with what it cannot honour (a threshold, soft weights, bad max_drop)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown selection policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if policy != "prune":
+        return
+    if keep is None:
+        raise ValueError("policy 'prune' needs keep (the share of samples trained on each epoch), not threshold")
+    if weighting != "hard":
+        raise ValueError(f"policy 'prune' weighs samples by their inverse keep probability; weighting must be "
+                         f"'hard', got {weighting!r}")
+    if isinstance(max_drop, bool) or not isinstance(max_drop, numbers.Real) or not 0 < max_drop < 1:
+        raise ValueError(f"max_drop must lie in (0, 1) (the largest share of the well-learned samples dropped; "
+                         f"InfoBatch drops 0.5), got {max_drop!r}")
+
+
+def prune_weight(pool: int, dropped: int) -> float:
+    """The weight of a kept well-learned sample when ``dropped`` of a ``pool`` of them are dropped at random.
+
+    Each is kept with probability ``(pool − dropped)/pool``, so weighing it by the inverse keeps its
+    expected contribution: SPEC.md §10b's tiny check drops one of two and weighs the other 2.
+
+    Example:
+        >>> prune_weight(2, 1), prune_weight(10, 4), prune_weight(10, 0)
+        (2.0, 1.6666666666666667, 1.0)
+    """
+    return pool / (pool - dropped)
+
+
+def _well_learned_size(losses: Tensor, seen: Tensor, drop: int, max_drop: float) -> int:
+    """|W|: the seen samples below the seen mean, at least ``ceil(drop / max_drop)`` of them, at most all.
+
+    Example:
+        >>> losses, seen = torch.tensor([0.1, 0.2, 0.9, 1.0]), torch.ones(4, dtype=torch.bool)
+        >>> _well_learned_size(losses, seen, 1, 0.5), _well_learned_size(losses, seen, 2, 0.5)
+        (2, 4)
+    """
+    below_mean = 0
+    if bool(seen.any()):
+        seen_losses = losses[seen].double()
+        below_mean = int(torch.count_nonzero(seen_losses < seen_losses.mean()))
+    widened = math.ceil(Fraction(drop) / Fraction(repr(float(max_drop))))
+    return min(losses.numel(), max(below_mean, widened))
+
+
+def _prune_part(losses: Tensor, seen: Tensor, target: int, max_drop: float, rescale: bool,
+                generator: torch.Generator) -> Selection:
+    """Prune-policy selection of exactly ``target`` samples from one pool of finite or unseen losses.
+
+    Example (SPEC.md §10b's tiny check: one of the two below the mean is dropped, the other weighs 2):
+        >>> chosen = _prune_part(torch.tensor([0.1, 0.2, 0.9, 1.0]), torch.ones(4, dtype=torch.bool), 3, 0.5,
+        ...                      True, torch.Generator().manual_seed(0))
+        >>> len(chosen.indices), chosen.indices[-2:].tolist(), sorted(chosen.weights.tolist())
+        (3, [2, 3], [1.0, 1.0, 2.0])
+    """
+    size = losses.numel()
+    drop = size - target
+    unseen = ~seen
+    unseen_count = int(torch.count_nonzero(unseen))
+    if drop <= 0:
+        return Selection(torch.arange(size, device=losses.device), torch.ones(size, device=losses.device),
+                         math.nan, unseen_count, 0)
+    pool_size = _well_learned_size(losses, seen, drop, max_drop)
+    seen_count = size - unseen_count
+    if pool_size <= seen_count:  # the lowest-loss seen samples, ties by index
+        keys = losses if unseen_count == 0 else losses.clone().index_fill_(0, _nonzero(unseen), math.inf)
+        (kth,) = _kth_smallest(keys, [pool_size])
+        pool = _smallest_mask(keys, pool_size, kth)
+        threshold = kth
+    else:  # every seen sample, and unseen ones at random (they have no loss to rank by)
+        pool = seen | _random_subset(unseen, pool_size - seen_count, generator)
+        threshold = float(losses[seen].max()) if seen_count else math.nan
+    dropped = _random_subset(pool, drop, generator)
+    indices = _nonzero(~dropped)
+    weights = torch.ones(indices.numel(), device=losses.device)
+    if rescale:
+        weights = weights.masked_fill(pool[indices], prune_weight(pool_size, drop))
+    return Selection(indices, weights, threshold, int(torch.count_nonzero(unseen[indices])), 0)
+
+
+def _prune_keeping_worst(losses: Tensor, seen: Tensor, nonfinite: Tensor | None, target: int, max_drop: float,
+                         rescale: bool, generator: torch.Generator) -> Selection:
+    """Prune over one pool; a sample whose latest loss was non-finite is the least learned there is: kept.
+
+    Example:
+        >>> losses, seen = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.ones(4, dtype=torch.bool)
+        >>> marked = torch.tensor([True, False, False, False])   # sample 0's latest loss was NaN
+        >>> _prune_keeping_worst(losses, seen, marked, 3, 0.5, True, torch.Generator()).indices[0].item()
+        0
+    """
+    if nonfinite is None:
+        return _prune_part(losses, seen, target, max_drop, rescale, generator)
+    pool = _nonzero(~nonfinite)
+    worst = _nonzero(nonfinite)
+    if target < worst.numel():  # a budget smaller than the non-finite samples: a random share of them
+        worst = _nonzero(_random_subset(nonfinite, target, generator))
+    part = _prune_part(losses[pool], seen[pool], target - worst.numel(), max_drop, rescale, generator)
+    indices, order = torch.sort(torch.cat([pool[part.indices], worst]))
+    weights = torch.cat([part.weights, torch.ones(worst.numel(), device=part.weights.device)])[order]
+    return Selection(indices, weights, part.threshold, part.unseen, 0)
 
 
 def _keep_worst_last(losses: Tensor, seen: Tensor, nonfinite: Tensor | None, target: int, weighting: str,
@@ -522,18 +649,17 @@ def _keep_worst_last(losses: Tensor, seen: Tensor, nonfinite: Tensor | None, tar
     return Selection(indices, weights, part.threshold, part.unseen, part.refreshed)
 
 
-def _keep_per_class(losses: Tensor, seen: Tensor, keep: float, labels: Tensor, weighting: str,
-                    refresh_fraction: float, mixture_ratio: float, generator: torch.Generator,
+def _keep_per_class(losses: Tensor, seen: Tensor, keep: float, labels: Tensor,
+                    choose: Callable[[Tensor, Tensor, Tensor | None, int], Selection],
                     nonfinite: Tensor | None = None) -> Selection:
-    """Keep mode in every class separately (classes in ascending label order, one generator)."""
+    """Keep mode in every class separately (classes in ascending label order, one generator in ``choose``)."""
     _, counts = torch.unique(labels, return_counts=True)
     members = torch.argsort(labels, stable=True).split(counts.tolist())  # each class's indices, ascending
     parts = []
     for member in members:
         target = fraction_count(keep, member.numel(), round_up=True)
         marked = None if nonfinite is None else nonfinite[member]
-        part = _keep_worst_last(losses[member], seen[member], marked, target, weighting, refresh_fraction,
-                                mixture_ratio, generator)
+        part = choose(losses[member], seen[member], marked, target)
         parts.append((member[part.indices], part))
     indices, order = torch.sort(torch.cat([global_indices for global_indices, _ in parts]))
     weights = torch.cat([part.weights for _, part in parts])[order]

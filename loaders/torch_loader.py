@@ -306,6 +306,28 @@ def _check_map_style(dataset: Any) -> None:
                         "a list or a datasets.Dataset), or use a DataLoader for an IterableDataset")
 
 
+def _check_selection_options(policy: str, rescale: bool, max_drop: float, min_last_batch: float, weighting: str,
+                             threshold: Any) -> None:
+    """Refuse a selection policy or last-batch share the samplers cannot honour, each with the fix."""
+    from cycdata.selection import POLICIES
+
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r}: choose one of {', '.join(POLICIES)}")
+    if policy == "prune" and threshold is not None:
+        raise ValueError("policy='prune' needs keep= (the share trained on each epoch), not threshold=")
+    if policy == "prune" and weighting != "hard":
+        raise ValueError(f"policy='prune' weighs samples by their inverse keep probability; pass weighting='hard' "
+                         f"(got {weighting!r})")
+    if not isinstance(rescale, bool):
+        raise ValueError(f"rescale= takes True or False, got {rescale!r}")
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 < max_drop < 1:
+        raise ValueError(f"max_drop={max_drop!r}: give the largest share of the well-learned samples dropped, in (0, 1)")
+    if isinstance(min_last_batch, bool) or not isinstance(min_last_batch, (int, float)) \
+            or not 0 <= min_last_batch <= 1:
+        raise ValueError(f"min_last_batch={min_last_batch!r}: give a share of the batch size in [0, 1] (0.5 merges "
+                         "a last batch under half a batch into the one before)")
+
+
 def _class_labels(labels: Any, size: int) -> Tensor:
     """``labels`` as an int64 tensor of one class per sample, for per-class selection; refused with the fix."""
     tensor = integer_vector(labels)
@@ -346,7 +368,15 @@ class CyclicalLoader:
         shuffle, generator, seed, sampler, drop_last: as for ``DataLoader``; ``sampler=`` may be a
             ``RandomSampler``, ``SequentialSampler`` or ``DistributedSampler`` (whose options and
             ``set_epoch`` it follows); other samplers and ``batch_sampler=`` are refused with the fix.
-        keep: kept fraction of lowest-loss samples (number, mapping or schedule), or None.
+        min_last_batch: a last batch smaller than this share of the batch size joins the batch before
+            (default 0: as a DataLoader, except that a single sample never makes a batch of its own).
+        keep: kept fraction of lowest-loss samples (number, mapping or schedule), or None; with
+            ``policy="prune"`` the share of samples trained on (exactly ``ceil(keep·N)`` each epoch).
+        policy: ``easy_first`` (train on the lowest-loss ``keep`` share, the paper's self-paced direction) or
+            ``prune`` (drop well-learned samples at random down to the ``keep`` share and, with
+            ``rescale``, weigh the kept well-learned ones up so the epoch's expected gradient is the full
+            epoch's: InfoBatch's direction, weights in ``batch_weights``).
+        rescale, max_drop: pruning's options (:func:`cycdata.selection.select`).
         threshold: absolute loss threshold instead of ``keep``, or None.
         weighting: ``hard`` | ``linear`` | ``log`` | ``mixture``; soft weights are in ``batch_weights``.
         per_class: select ``keep`` within each class (labels from ``labels`` or ``dataset.labels``).
@@ -403,7 +433,9 @@ class CyclicalLoader:
                  cycle: tuple[float, float] = (0.0, 1.0), plan: Plan | None = None,
                  select_samples: bool | None = None, refresh_fraction: float = 0.05,
                  ledger_ema: float | None = None, ledger_device: torch.device | str | None = None,
-                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False, ladder: Any = None,
+                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
+                 min_last_batch: float = 0.0, policy: str = "easy_first", rescale: bool = True,
+                 max_drop: float = 0.5, ladder: Any = None,
                  strength: Any = None, augment_backend: str = "torch", with_strength: bool = False,
                  placement: str = "auto", device: torch.device | str | None = None, **dataloader_kwargs: Any) -> None:
         if dataloader_kwargs.get("batch_sampler") is not None:
@@ -444,9 +476,11 @@ class CyclicalLoader:
             labels = getattr(dataset, "labels", None)
             if labels is None:
                 raise ValueError("per_class=True needs labels= (one class label per sample)")
+        _check_selection_options(policy, rescale, max_drop, min_last_batch, weighting, threshold)
         selection = {"select_samples": select_samples, "weighting": weighting, "ledger": self.ledger,
                      "labels": _class_labels(labels, size) if per_class else None,
-                     "refresh_fraction": refresh_fraction}
+                     "refresh_fraction": refresh_fraction, "policy": policy, "rescale": rescale,
+                     "max_drop": max_drop}
         if self.semi_supervised:
             if "semi_supervised.ratio" not in plan.names:
                 raise ValueError("semi-supervised mode needs unlabeled_ratio= (a number, mapping or schedule)")
@@ -455,7 +489,8 @@ class CyclicalLoader:
                 labeled_pool, unlabeled_pool, plan=plan, rank=rank, world_size=world_size, **selection)
         else:
             self.batch_sampler = CyclicalBatchSampler(size, plan=plan, shuffle=self.shuffle, rank=rank,
-                                                      world_size=world_size, drop_last=drop_last, **selection)
+                                                      world_size=world_size, drop_last=drop_last,
+                                                      min_last_batch=min_last_batch, **selection)
         if self._seed is not None:
             self._set_sampler_seed()
         # Only what is random draws a seed: a plain shuffle=False loader leaves torch's RNG as a DataLoader does.
@@ -558,6 +593,15 @@ class CyclicalLoader:
             raise ValueError("with threshold= the number of kept samples depends on the losses, so the run's step "
                              "count is not known up front; use keep= (an exact kept fraction) for a fixed count")
         return sum(self.batch_sampler.num_batches(epoch) for epoch in range(self.epochs))
+
+    @property
+    def total_samples(self) -> int:
+        """Samples this process trains on over the whole run (labeled ones in semi-supervised mode): the
+        planned forward and backward passes, known up front as :attr:`total_steps` is."""
+        if self._needs_planning(self.epochs - 1) or self._needs_planning(0):
+            raise ValueError("with threshold= the number of kept samples depends on the losses, so the run's "
+                             "sample count is not known up front; use keep= (an exact kept fraction)")
+        return sum(int(self.batch_sampler.samples(epoch)) for epoch in range(self.epochs))
 
     @property
     def samples_per_epoch(self) -> int:
@@ -742,7 +786,9 @@ class CyclicalLoader:
 
     @property
     def batch_weights(self) -> Tensor | None:
-        """Self-paced weights of the current batch's samples (None with hard weighting)."""
+        """Sample weights of the current batch's samples: the self-paced ones of a soft weighting, or pruning's
+        inverse keep probabilities (None when every sample weighs 1). Multiply each sample's loss by its
+        weight and divide the sum by the batch size."""
         if self._batch is None or not self.batch_sampler.selecting:
             return None
         weights = self.batch_sampler.epoch_plan(self._batch.epoch).weights

@@ -274,6 +274,7 @@ def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime,
         "pin_memory": runtime.device.type == "cuda",
         "ledger_device": runtime.device if runtime.device.type == "cuda" else None,
         "device": runtime.device,
+        "min_last_batch": config.data.min_last_batch,
     }
     placement = config.data.placement
     if placement == "auto" and hasattr(data.train, "images"):
@@ -294,6 +295,9 @@ def build_train_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime,
             per_class=sp.per_class,
             refresh_fraction=sp.refresh,
             labels=getattr(data.train, "labels", None),
+            policy=sp.policy,
+            rescale=sp.rescale,
+            max_drop=sp.max_drop,
         )
     if ladder is not None and crops_whole_images(data.train):
         options["ladder"] = ladder

@@ -56,7 +56,8 @@ from cycdata.train.paths import check_name, dataset_folder, remove_run_folder
 __all__ = ["SUITES", "Run", "Suite", "load_suite", "run_suite", "summarize"]
 
 SUITES = ("optimizer", "factor", "data", "range", "range-recipe", "smoke", "labels-500", "noise-30",
-          "imbalance-20", "data-side", "cwd-schedules")
+          "imbalance-20", "data-side", "cwd-schedules", "endings-labels-500", "endings-noise-30",
+          "endings-imbalance-20")
 METRICS = ("test_accuracy", "test_balanced_accuracy", "test_nll", "test_ece")
 TUNE_SEED_BASE = 1000  # tuning seeds are 1000, 1001, ...: never a reported seed
 SUITE_KEYS = ("variants", "base", "datasets", "seeds", "baseline", "compare", "description", "tune", "tune_seeds",

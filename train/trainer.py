@@ -232,7 +232,7 @@ def train_one_epoch(
     model.train()
     hooks, optimizer, device = context.hooks, context.optimizer, context.runtime.device
     objective, amp = context.objective(), context.autocast
-    sums = DeviceSums((*objective.sums, "grad_norm"), device)
+    sums = DeviceSums((*objective.sums, "grad_norm", "passes"), device)
     steps, seen, epoch_samples = len(loader), 0, max(1, loader.samples_per_epoch)  # len(): before the pass
     first_bad = torch.full((), _NO_STEP, dtype=torch.int64, device=device)  # the first non-finite loss's step
     knobs_by_step: list[dict[str, float | int]] = []  # host values the hooks computed anyway: for the message
@@ -271,13 +271,13 @@ def train_one_epoch(
             if grad_norm is not None:
                 sums.add(grad_norm=grad_norm.detach())
         loader.record_loss(per_sample.detach())
-        sums.add(step_sums)
+        sums.add(step_sums, passes=inputs.shape[0])  # rows through forward and backward: the compute count
         if report is not None:
             report.step(step, sums, knobs)
     sums.all_reduce()
     totals = sums.totals()
     _check_finite(first_bad, model, epoch, context.config.epochs, knobs_by_step)
-    step_metrics: dict[str, float] = {}
+    step_metrics: dict[str, float] = {"train_passes": totals["passes"]}
     if hooks.clip_threshold is not None and hooks.clip_mode == "norm":
         step_metrics["grad_norm"] = totals["grad_norm"] / (max(1, updates) * context.runtime.world_size)
     return objective.metrics(totals, step_metrics)
@@ -399,7 +399,9 @@ def train(
                                            config.epochs, steps - 1, steps, hooks.values)
             if report is not None:
                 report.close()
+            passes_before = float(row.get("train_passes_total", 0.0))  # the previous epoch's row, also on resume
             row = {"epoch": epoch, **plan.at(epoch), **data_knobs, **train_metrics, **test_metrics,
+                   "train_passes_total": passes_before + train_metrics["train_passes"],
                    "images_per_second": train_metrics["train_samples"] / train_seconds,
                    "epoch_seconds": time.perf_counter() - started}
             if config.semi_supervised is not None:
