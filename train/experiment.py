@@ -53,7 +53,7 @@ from typing import Any
 from cycdata.config import ConfigError, RunConfig, apply_settings, number, parse_config, read_yaml
 from cycdata.train.paths import check_name, dataset_folder, remove_run_folder
 
-__all__ = ["SUITES", "Run", "Suite", "load_suite", "run_suite", "summarize"]
+__all__ = ["SUITES", "Run", "Suite", "group_name", "load_suite", "passes_saved", "run_suite", "summarize"]
 
 SUITES = ("optimizer", "factor", "data", "range", "range-recipe", "smoke", "labels-500", "noise-30",
           "imbalance-20", "data-side", "cwd-schedules", "endings-labels-500", "endings-noise-30",
@@ -62,6 +62,16 @@ METRICS = ("test_accuracy", "test_balanced_accuracy", "test_nll", "test_ece")
 TUNE_SEED_BASE = 1000  # tuning seeds are 1000, 1001, ...: never a reported seed
 SUITE_KEYS = ("variants", "base", "datasets", "seeds", "baseline", "compare", "description", "tune", "tune_seeds",
               "select", "primary", "level", "jobs")
+
+
+def group_name(dataset: str | None, variant: str) -> str:
+    """A variant's name in the summary: ``DATASET/VARIANT`` in a suite over datasets, else ``VARIANT``.
+
+    Example:
+        >>> group_name("digits", "cwd"), group_name(None, "cwd")
+        ('digits/cwd', 'cwd')
+    """
+    return f"{dataset}/{variant}" if dataset else variant
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,7 @@ class Run:
 
     @property
     def group(self) -> str:
-        return f"{self.dataset}/{self.variant}" if self.dataset else self.variant
+        return group_name(self.dataset, self.variant)
 
 
 @dataclass(frozen=True)
@@ -149,7 +159,7 @@ class Suite:
             for dataset in self.datasets or (None,):
                 for variant, settings in self.variants.items():
                     check_name("variant", variant)  # a folder name, also for a Suite built without from_mapping
-                    group = f"{dataset}/{variant}" if dataset else variant
+                    group = group_name(dataset, variant)
                     settings = {**self.inherited(tuned or {}, dataset, variant), **settings,
                                 **(tuned or {}).get(group, {})}
                     config = self._config({"seed": seed, **settings}, dataset, epochs, f"variant {variant}")
@@ -173,7 +183,7 @@ class Suite:
         every variant differs from the tuned baseline in its own knob only."""
         if self.baseline is None or variant == self.baseline or variant in self.tune:
             return {}
-        chosen = tuned.get(f"{dataset}/{self.baseline}" if dataset else self.baseline, {})
+        chosen = tuned.get(group_name(dataset, self.baseline), {})
         return {name: value for name, value in chosen.items() if name not in self.variants[variant]}
 
     def tuning_runs(self, epochs: int | None = None) -> list[TuningRun]:
@@ -187,7 +197,7 @@ class Suite:
                         # A tuning run chooses on validation: it never reads the test split.
                         settings = {**self.variants[variant], **point, "seed": seed, "data.test": False}
                         config = self._config(settings, dataset, epochs, f"tune.{variant} point {point}")
-                        group = f"{dataset}/{variant}" if dataset else variant
+                        group = group_name(dataset, variant)
                         out.append(TuningRun(group, index, point, seed, config))
         return out
 
@@ -467,11 +477,13 @@ def summarize(suite: Suite, out: str | Path, *, seeds: int | None = None, epochs
         if suite.level is not None:
             final["epochs_to_level"], final["seconds_to_level"] = time_to_level(rows, suite.level, run.config.epochs)
         final["train_seconds"] = sum(row.get("epoch_seconds", math.nan) for row in rows[: run.config.epochs])
+        final["train_passes"] = final.get("train_passes_total", math.nan)  # counted by the trainer, not estimated
         finals.setdefault(run.group, {})[run.seed] = final
         curves.setdefault(run.group, []).append(rows[: run.config.epochs])
         configs.setdefault(run.group, run.config)
     primary = suite.primary
-    metrics = [m for m in dict.fromkeys((primary, *METRICS, "epochs_to_level", "seconds_to_level", "train_seconds"))
+    metrics = [m for m in dict.fromkeys((primary, *METRICS, "epochs_to_level", "seconds_to_level", "train_seconds",
+                                         "train_passes"))
                if any(m in row for by_seed in finals.values() for row in by_seed.values())]
     groups: dict[str, Any] = {}
     for group, by_seed in finals.items():
@@ -480,7 +492,7 @@ def summarize(suite: Suite, out: str | Path, *, seeds: int | None = None, epochs
         dataset, _, variant = group.rpartition("/")
         reference_name = suite.reference(variant)
         if reference_name is not None:
-            reference = finals.get(f"{dataset}/{reference_name}" if dataset else reference_name, {})
+            reference = finals.get(group_name(dataset, reference_name), {})
             common = [s for s in by_seed if s in reference]
             entry["compared_with"] = reference_name
             entry["paired"] = {metric: paired([by_seed[s][metric] - reference[s][metric] for s in common])
@@ -488,6 +500,8 @@ def summarize(suite: Suite, out: str | Path, *, seeds: int | None = None, epochs
                                                                    "test_nll", "epochs_to_level")}
             entry["accuracy_vs_reference"] = interval([by_seed[s]["test_accuracy"] - reference[s]["test_accuracy"]
                                                        for s in common])
+        if suite.baseline is not None and variant != suite.baseline:
+            entry["passes_saved"] = passes_saved(by_seed, finals.get(group_name(dataset, suite.baseline), {}))
         groups[group] = entry
     compared = [group for group, entry in groups.items() if primary in entry.get("paired", {})]
     p_holm = holm([groups[g]["paired"][primary]["p"] for g in compared])
@@ -504,6 +518,20 @@ def summarize(suite: Suite, out: str | Path, *, seeds: int | None = None, epochs
     return summary
 
 
+def passes_saved(runs: Mapping[int, Mapping[str, float]], baseline: Mapping[int, Mapping[str, float]]) -> float:
+    """The share of the baseline's training sample passes a variant saved, over the seeds both ran (NaN if none).
+
+    Example:
+        >>> passes_saved({0: {"train_passes": 60.0}, 1: {"train_passes": 60.0}},
+        ...              {0: {"train_passes": 100.0}, 1: {"train_passes": 100.0}})
+        0.4
+    """
+    common = [seed for seed in runs if seed in baseline]
+    done = sum(runs[seed].get("train_passes", math.nan) for seed in common)
+    full = sum(baseline[seed].get("train_passes", math.nan) for seed in common)
+    return 1.0 - done / full if common and full > 0 else math.nan
+
+
 def results_table(summary: Mapping[str, Any]) -> str:
     """The summary as Markdown: each variant's final metrics (mean ± std) and, against its reference, the
     paired difference of the primary metric with its 95% interval, Holm-adjusted p, TOST p (±0.3 points),
@@ -514,9 +542,12 @@ def results_table(summary: Mapping[str, Any]) -> str:
     level = summary.get("level")
     label = primary.replace("test_", "test ").replace("_", " ")
     timing = f" | epochs to {100 * level:.0f}% val" if level is not None else ""
-    lines = [f"| variant | seeds | {label} % (mean ± std) | NLL | ECE{timing} | Δ {label} vs (paired, 95% CI) "
+    counted = any("train_passes" in entry and not math.isnan(entry["train_passes"]["mean"])
+                  for entry in summary["groups"].values())
+    passes = " | sample passes (saved)" if counted else ""
+    lines = [f"| variant | seeds | {label} % (mean ± std) | NLL | ECE{timing}{passes} | Δ {label} vs (paired, 95% CI) "
              "| p (Holm) | TOST p (Holm) | detectable Δ | verdict |",
-             "|---|---|---|---|---|" + ("---|" if timing else "") + "---|---|---|---|---|"]
+             "|---|---|---|---|---|" + ("---|" if timing else "") + ("---|" if passes else "") + "---|---|---|---|---|"]
     for group, entry in summary["groups"].items():
         score, nll, ece = entry[primary], entry["test_nll"], entry["test_ece"]
         cells = [group, str(score["n"]), f"{100 * score['mean']:.2f} ± {_pct(score['std'])}",
@@ -524,6 +555,8 @@ def results_table(summary: Mapping[str, Any]) -> str:
         if timing:
             steps = entry.get("epochs_to_level", {"mean": math.nan, "std": math.nan})
             cells.append(f"{steps['mean']:.1f} ± {_one(steps['std'])}")
+        if passes:
+            cells.append(_passes(entry))
         analysis = entry.get("paired", {}).get(primary)
         if analysis is None:
             cells += ["—", "", "", "", ""]
@@ -540,6 +573,15 @@ def results_table(summary: Mapping[str, Any]) -> str:
     for group, settings in (summary.get("tuned") or {}).items():
         lines.append(f"Tuned on validation: {group} {json.dumps(settings)}.")
     return "\n".join(lines)
+
+
+def _passes(entry: Mapping[str, Any]) -> str:
+    """Mean training sample passes per run and the share of the baseline's saved, e.g. ``4,048 (40.0%)``."""
+    count = entry.get("train_passes", {"mean": math.nan})["mean"]
+    if math.isnan(count):
+        return "n/a"
+    saved = entry.get("passes_saved", math.nan)
+    return f"{count:,.0f}" + ("" if math.isnan(saved) else f" ({100 * saved:.1f}%)")
 
 
 def _p(value: float) -> str:
