@@ -424,7 +424,7 @@ def self_paced_choice(ledger: LossLedger, pool: torch.Tensor | None, knobs: Data
                        policy=policy, rescale=rescale, max_drop=max_drop)
     kept = selection.indices if pool is None else pool[selection.indices]
     weights = None
-    if weighting != "hard" or (policy == "prune" and rescale):
+    if weighting != "hard" or bool((selection.weights != 1.0).any()):  # pruning's weights, unless none dropped
         weights = torch.zeros(ledger.size, dtype=torch.float32)
         weights[kept] = selection.weights
     stats = {"kept": len(kept), "threshold": selection.threshold, "unseen": selection.unseen,

@@ -59,10 +59,12 @@ PerSampleLoss = Callable[[Any, Mapping[str, Any]], Tensor]
 
 @dataclass(frozen=True)
 class _SampleIndices:
-    """The batch's dataset indices, boxed so that the Trainer's ``_prepare_inputs`` leaves them on the CPU
-    (a tensor would be moved to the GPU and read back at every record: a host sync per step)."""
+    """The batch's dataset indices (and its sample weights, None when all weigh 1), boxed so that the Trainer's
+    ``_prepare_inputs`` leaves them on the CPU (a tensor would be moved to the GPU and read back at every
+    record: a host sync per step)."""
 
     tensor: Tensor
+    weights: Tensor | None = None
 
 
 def _logits(outputs: Any) -> Tensor:
@@ -166,7 +168,8 @@ class _IndexedBatches:
     def __iter__(self):
         for batch in self.loader:
             # Read now, as the batch is yielded: the Trainer fetches a whole accumulation window ahead.
-            yield {**_as_model_inputs(batch, self.inputs), INDEX_KEY: _SampleIndices(self.loader.batch_indices)}
+            boxed = _SampleIndices(self.loader.batch_indices, self.loader.batch_weights)
+            yield {**_as_model_inputs(batch, self.inputs), INDEX_KEY: boxed}
 
 
 class _PlanDrivesLR:
@@ -378,6 +381,9 @@ class CyclicalTrainer(Trainer):
             loss = per_sample.mean()
         else:
             per_sample = self.per_sample_loss(outputs, given)
+        if boxed.weights is not None:  # soft self-paced weights, or pruning's inverse keep probabilities
+            weights = boxed.weights.to(per_sample.device, non_blocking=True)
+            loss = (per_sample * weights).sum() / per_sample.numel()
         self.cyclical_loader.record_loss(per_sample.detach(), indices=boxed.tensor)
         return (loss, outputs) if return_outputs else loss
 

@@ -18,9 +18,10 @@ from torch.utils.data import Dataset, TensorDataset
 from transformers import TrainerCallback, TrainingArguments
 
 from cycdata.config import parse_config
-from cycdata.integrations.hf import CyclicalTrainer
+from cycdata.integrations.hf import INDEX_KEY, CyclicalTrainer
 from cycdata.loaders import CyclicalLoader
 from cycdata.plan import Plan
+from cycdata.schedules import Piecewise
 
 SAMPLES = 400
 # The issue's plan: keep half at batch size 100 (easy ends), all 400 at 20 (the hard middle).
@@ -124,6 +125,48 @@ def test_resume_from_an_hf_checkpoint_continues_at_the_saved_batch(tmp_path):
     assert trainer.state.global_step == 12 and trainer.state.epoch == 3.0
     torch.testing.assert_close(resumed_loader.ledger.losses, loader.ledger.losses)
     assert torch.equal(resumed_loader.ledger.seen, loader.ledger.seen)
+
+
+class RecordingTrainer(CyclicalTrainer):
+    """Keeps, for each training batch, its boxed indices and weights and the loss the Trainer minimises."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps: list[tuple[torch.Tensor, torch.Tensor | None, float]] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        boxed = inputs.get(INDEX_KEY)
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if boxed is not None and model.training:
+            self.steps.append((boxed.tensor.clone(), boxed.weights, float(loss.detach())))
+        return loss
+
+
+def test_pruning_weights_reach_the_trainers_loss(tmp_path):
+    """policy="prune": each batch's inverse keep probabilities travel with it and weigh the loss HF minimises;
+    over an epoch they sum to N (the unbiased estimate of the full epoch), and the all-data epoch weighs 1."""
+    data, model = ControlledLosses(), ScoreModel()
+    keep = Piecewise(((0.0, 0.6), (0.75, 0.6), (0.75, 1.0)))  # epochs 0 and 1 pruned to 60%, epoch 2 on all data
+    loader = CyclicalLoader(data, epochs=3, batch_size=40, keep=keep, policy="prune", shuffle=True, seed=0)
+    trainer = RecordingTrainer(model=model, args=make_args(tmp_path), cyclical_loader=loader)
+    trainer.train()
+
+    losses = F.softplus(data.score)
+    kept = [240, 240, 400]
+    epoch_steps = [math.ceil(count / 40) for count in kept]
+    starts = [0, epoch_steps[0], epoch_steps[0] + epoch_steps[1], sum(epoch_steps)]
+    assert len(trainer.steps) == sum(epoch_steps)
+    for epoch, (start, end) in enumerate(itertools.pairwise(starts)):
+        steps = trainer.steps[start:end]
+        assert sum(len(indices) for indices, _, _ in steps) == kept[epoch]
+        if epoch == 2:
+            assert all(weights is None for _, weights, _ in steps)
+            continue
+        weights = torch.cat([weights for _, weights, _ in steps])
+        assert len(set(weights.tolist()) - {1.0}) == 1 and float(weights.max()) > 1.0  # 1, or |W|/(|W| - D)
+        assert float(weights.sum()) == pytest.approx(SAMPLES)  # |W| kept-pool weights + the rest, each once
+        for indices, batch_weights, loss in steps:
+            assert loss == pytest.approx(float((losses[indices] * batch_weights).mean()), rel=1e-5)
 
 
 class ClipWatch(TrainerCallback):
