@@ -57,7 +57,7 @@ __all__ = ["SUITES", "Run", "Suite", "group_name", "load_suite", "passes_saved",
 
 SUITES = ("optimizer", "factor", "data", "range", "range-recipe", "smoke", "labels-500", "noise-30",
           "imbalance-20", "data-side", "cwd-schedules", "endings-labels-500", "endings-noise-30",
-          "endings-imbalance-20")
+          "endings-imbalance-20", "endings-default")
 METRICS = ("test_accuracy", "test_balanced_accuracy", "test_nll", "test_ece")
 TUNE_SEED_BASE = 1000  # tuning seeds are 1000, 1001, ...: never a reported seed
 SUITE_KEYS = ("variants", "base", "datasets", "seeds", "baseline", "compare", "description", "tune", "tune_seeds",
