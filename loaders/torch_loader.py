@@ -321,7 +321,8 @@ def _check_selection_options(policy: str, rescale: bool, max_drop: float, min_la
     if not isinstance(rescale, bool):
         raise ValueError(f"rescale= takes True or False, got {rescale!r}")
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 < max_drop < 1:
-        raise ValueError(f"max_drop={max_drop!r}: give the largest share of the well-learned samples dropped, in (0, 1)")
+        raise ValueError(f"max_drop={max_drop!r}: give the largest share of the well-learned samples dropped, "
+                         "in (0, 1)")
     if isinstance(min_last_batch, bool) or not isinstance(min_last_batch, (int, float)) \
             or not 0 <= min_last_batch <= 1:
         raise ValueError(f"min_last_batch={min_last_batch!r}: give a share of the batch size in [0, 1] (0.5 merges "
