@@ -587,6 +587,9 @@ def _prune_part(losses: Tensor, seen: Tensor, target: int, max_drop: float, resc
     if drop <= 0:
         return Selection(torch.arange(size, device=losses.device), torch.ones(size, device=losses.device),
                          math.nan, unseen_count, 0)
+    if target <= 0:  # the non-finite samples took the whole budget: nothing of this pool is kept, nothing weighs
+        empty = torch.zeros(0, dtype=torch.int64, device=losses.device)
+        return Selection(empty, torch.ones(0, device=losses.device), math.nan, 0, 0)
     pool_size = _well_learned_size(losses, seen, drop, max_drop)
     seen_count = size - unseen_count
     if pool_size <= seen_count:  # the lowest-loss seen samples, ties by index

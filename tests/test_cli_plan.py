@@ -158,3 +158,11 @@ def test_overrides_may_follow_options() -> None:
     assert json.loads(result.stdout)["knobs"]["temperature"] == [1.0, 1.0, 1.0]
     bad = run_cli("plan", "--epochs", "3", "--bogus")
     assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
+
+
+def test_plan_counts_the_sample_passes_a_pruned_run_will_make() -> None:
+    """40% fewer passes is a count from the plan: 19 epochs of ceil(0.58·4000) = 2,320 and one of 4,000."""
+    keep = "self_paced.keep={points: [[0, 0.58], [0.97, 0.58], [0.97, 1]]}"
+    result = run_cli("plan", "self_paced.policy=prune", keep)
+    assert result.returncode == 0, result.stderr
+    assert "sample passes planned: 48,080 of 80,000 with all data every epoch (39.9% fewer)" in result.stdout
