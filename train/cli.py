@@ -125,7 +125,24 @@ def _check_like_train(config: RunConfig) -> str:
     ladder = resolve_ladder(config, data)
     return (f"checked as train would: dataset {config.data.dataset} ({len(data.train)} train / {len(data.test)} "  # type: ignore[arg-type]
             f"test images, {data.in_chans}x{data.image_size}x{data.image_size}, {data.num_classes} classes), "
-            f"model {config.model}, ladder {'none' if ladder is None else ladder.name}")
+            f"model {config.model}, ladder {'none' if ladder is None else ladder.name}"
+            + _planned_passes_line(config, data))
+
+
+def _planned_passes_line(config: RunConfig, data: Any) -> str:
+    """With keep-mode selection in the sampler: the training sample passes the plan makes, against all data."""
+    sp = config.self_paced
+    if sp is None or sp.keep is None or sp.level != "epoch" or config.semi_supervised is not None:
+        return ""
+    from cycdata.samplers import kept_count
+
+    size = len(data.train)
+    labels = getattr(data.train, "labels", None) if sp.per_class else None
+    plan = Plan.from_config(config)
+    planned = sum(kept_count(size, float(plan.at(epoch)["self_paced.keep"]), labels) for epoch in range(config.epochs))
+    full = size * config.epochs
+    saved = 100 * (1 - planned / full)
+    return f"\nsample passes planned: {planned:,} of {full:,} with all data every epoch ({saved:.1f}% fewer)"
 
 
 def _default_run_dir(config: RunConfig) -> Path:
