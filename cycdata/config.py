@@ -359,7 +359,7 @@ class DataConfig:
     draw_seed: int | None = key(optional(number(ge=0, integer=True)), 0,
                                 "seed of the subset, the split and the noise; null: the run's seed (each seed "
                                 "redraws them)")
-    min_last_batch: float = key(number(ge=0, le=1), 0.5,
+    min_last_batch: float = key(number(ge=0, le=1), 0.25,
                                 "a training epoch's last batch smaller than this share of the batch joins the batch "
                                 "before (BatchNorm's statistics of a 2-sample batch can wreck a run); 0: only a "
                                 "single sample does")
