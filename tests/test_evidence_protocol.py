@@ -183,6 +183,7 @@ def test_summary_carries_holm_tost_detection_limit_and_time_to_accuracy(tmp_path
     assert "TOST" in table and "| b | 6 |" in table and "better" in table and "equivalent" in table
 
 
+@pytest.mark.slow  # 22 s; the smoke suite runs, resumes and summarises by default
 def test_a_tuned_suite_runs_end_to_end_side_by_side(tmp_path: Path) -> None:
     suite = Suite.from_mapping({"seeds": 2, "tune_seeds": 1, "baseline": "a", "jobs": 2,
                                 "base": {**BASE, "epochs": 2, "data.dataset": "synthetic:80", "data.val_split": 0.2,

@@ -87,6 +87,7 @@ def test_max_resolution_shrinks_and_existing_files_are_kept(tmp_path: Path) -> N
         convert("synthetic:30", tmp_path / "y.beton", jpeg_quality=0, progress=False)
 
 
+@pytest.mark.slow  # 32 s; test_trainer_on_a_beton_matches_the_in_memory_run trains on a beton by default
 def test_cli_convert_then_train_on_the_beton(tmp_path: Path) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "cycdata.train.cli", *args], capture_output=True, text=True,
@@ -346,6 +347,7 @@ def test_trainer_on_a_beton_matches_the_in_memory_run(betons: dict[str, Path], t
     assert json.loads(beton_paths(betons["mnist5k"])["info"].read_text())["name"] == "mnist5k"
 
 
+@pytest.mark.slow  # 24 s; the semi-supervised example trains by default
 def test_trainer_semi_supervised_on_a_beton(betons: dict[str, Path], tmp_path: Path) -> None:
     config = load_config(None, ["epochs=2", "model=test_resnet", "runtime.progress=false", "data.batch_size=32",
                                 f"data.dataset=beton:{betons['mnist5k']}", "data.placement=ffcv",

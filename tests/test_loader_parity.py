@@ -383,6 +383,7 @@ def _examples_run(make_loader, epochs: int = 2, seed: int = 1) -> tuple[dict[str
     return model.state_dict(), accuracy
 
 
+@pytest.mark.slow  # 42 s; the short-loop parity tests beside it run by default
 def test_the_examples_mnist_loop_trains_identically_after_the_swap() -> None:
     original, original_accuracy = _examples_run(lambda data: (DataLoader(data, batch_size=64), False))
     swapped, swapped_accuracy = _examples_run(lambda data: (CyclicalLoader(data, epochs=2, batch_size=64), True))

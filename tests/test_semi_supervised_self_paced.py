@@ -124,7 +124,7 @@ def test_sampler_selection_under_two_ranks_is_shared_and_disjoint() -> None:
     assert set(first_pass[0]) | set(first_pass[1]) == set(range(10))
 
 
-@pytest.mark.parametrize("level", ["epoch", "batch"])
+@pytest.mark.parametrize("level", ["epoch", pytest.param("batch", marks=pytest.mark.slow)])  # batch: 21 s more
 def test_the_full_example_trains_two_epochs(tmp_path: Path, level: str) -> None:
     """examples/full.yaml, every knob cyclical, trains end to end (shortened: 3 epochs, 600 training images)."""
     out = tmp_path / "run"

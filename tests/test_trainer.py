@@ -297,6 +297,7 @@ def test_batch_level_self_paced_masks_losses(tmp_path: Path) -> None:
     assert "self_paced.kept" not in rows[0]
 
 
+@pytest.mark.slow  # 31 s; the semi-supervised example trains by default
 def test_semi_supervised_on_100_mnist_labels(tmp_path: Path) -> None:
     config = load_config(
         None,
