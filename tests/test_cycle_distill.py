@@ -99,7 +99,7 @@ def _assert_easy_hard_easy(values: list[float], easy: float, hard: float, name: 
     assert all(direction * (b - a) <= 1e-12 for a, b in itertools.pairwise(falling)), name
 
 
-@pytest.mark.slow  # 29 s; the window's plan and the resume tests run by default
+@pytest.mark.slow  # 29 s, the one end-to-end windowed run; the window clock and joined plans are checked by default
 def test_pretrain_then_finetune_runs_are_one_cycle(tmp_path: Path) -> None:
     knobs = ["self_paced.keep={easy: 0.5, hard: 1.0}", "data.batch_size={easy: 128, hard: 32}"]
     pre = cli("train", "epochs=3", *FAST, *knobs, "data.dataset=digits", "cycle={start: 0.0, end: 0.5}",
