@@ -130,7 +130,7 @@ def test_a_rank_that_never_starts_ends_the_other_in_one_line(tmp_path: Path) -> 
 def test_a_stopped_rank_ends_the_other_after_the_timeout() -> None:
     script = textwrap.dedent("""
         import os, signal, sys, torch, torch.distributed as dist
-        from cycdata.train.builders import collective_timeout, setup_runtime
+        from cycdata.train.builders import collective_timeout, leave_broken_group, setup_runtime
 
         runtime = setup_runtime("cpu")
         dist.all_reduce(torch.ones(4))  # both ranks are in
@@ -141,6 +141,7 @@ def test_a_stopped_rank_ends_the_other_after_the_timeout() -> None:
         except RuntimeError as error:
             failure = collective_timeout(error, runtime)
             print(failure if failure is not None else f"not recognised: {error}", file=sys.stderr)
+            leave_broken_group()  # without it gloo's threads abort the exit (status -6) in most runs
             sys.exit(2)
     """)
     port = _free_port()
@@ -152,6 +153,29 @@ def test_a_stopped_rank_ends_the_other_after_the_timeout() -> None:
         assert ranks[0].returncode == 2, stderr
         assert stderr.strip().startswith("rank 0 of 2: a collective timed out after 4 s"), stderr
         assert time.monotonic() - started < 60
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.communicate()
+
+
+def test_cycdata_train_with_a_rank_stopped_mid_run_ends_in_one_line_and_status_2(tmp_path: Path) -> None:
+    """The whole path as a torchrun user meets it: two ranks of ``cycdata train``, one frozen after epoch 1."""
+    port = _free_port()
+    command = [sys.executable, "-m", "cycdata.train.cli", "train", "model=test_resnet", "data.dataset=synthetic:64",
+               "epochs=40", "runtime.device=cpu", "runtime.progress=false", "--out", str(tmp_path / "run")]
+    ranks = [subprocess.Popen(command, env=_rank_env(rank, port, 6), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        first_epoch = ranks[0].stdout.readline()  # rank 0 prints one line per epoch
+        assert first_epoch.startswith("epoch   1/40"), first_epoch + ranks[0].stderr.read()
+        ranks[1].send_signal(signal.SIGSTOP)
+        _, stderr = ranks[0].communicate(timeout=120)
+        assert ranks[0].returncode == 2, stderr
+        lines = [line for line in stderr.strip().splitlines() if not line.startswith("warning:")]
+        assert lines == [lines[0]] and lines[0].startswith("cycdata train: rank 0 of 2: a collective timed out "
+                                                            "after 6 s"), stderr
+        assert (tmp_path / "run" / "last.pt").exists()  # the finished epochs are kept for --resume
     finally:
         for rank in ranks:
             rank.kill()

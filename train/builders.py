@@ -54,6 +54,7 @@ __all__ = [
     "collective_timeout",
     "ddp_timeout",
     "labeled_subset",
+    "leave_broken_group",
     "limit_train",
     "resolve_ladder",
     "setup_runtime",
@@ -129,6 +130,18 @@ def collective_timeout(error: BaseException, runtime: Runtime) -> DistributedTim
     if "timed out" in text or "timeout" in text or "connection closed by peer" in text or "connection reset" in text:
         return DistributedTimeout(runtime.rank, runtime.world_size, "a collective", ddp_timeout().total_seconds())
     return None
+
+
+def leave_broken_group() -> None:
+    """Destroy a gloo process group after one of its collectives timed out, so the rank exits as it says.
+
+    The group is unusable after a timeout. A script that exits with it still alive was aborted by gloo's threads
+    in most runs ("terminate called without an active exception", status -6, not its own status); ``cycdata
+    train`` exited cleanly in every run tried, and destroys the group all the same. NCCL's watchdog ends the
+    process itself after a timeout, so an NCCL group is left to it.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.destroy_process_group()
 
 
 def setup_runtime(requested: str) -> Runtime:

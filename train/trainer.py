@@ -62,6 +62,7 @@ from cycdata.train.builders import (
     build_test_loader,
     build_train_loader,
     collective_timeout,
+    leave_broken_group,
     resolve_ladder,
     run_dataset,
     setup_runtime,
@@ -417,6 +418,7 @@ def train(
         stopped = collective_timeout(error, runtime)  # another rank stopped: one line naming this rank
         if stopped is None:
             raise
+        leave_broken_group()
         raise stopped from None
     finally:
         logger.close()
