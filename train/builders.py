@@ -155,7 +155,7 @@ def leave_broken_group() -> None:
 def leave_process_group() -> None:
     """Destroy the default process group if one is alive; ``setup_runtime`` runs it when the process exits.
 
-    A process that exits with a gloo group alive is aborted by gloo's threads in most runs ("terminate called
+    A process that exits with a gloo group alive is aborted by gloo's threads in many runs ("terminate called
     without an active exception", status -6), even after a run that succeeded, so torchrun reports a failure
     (5 of 8 runs of a plain two-rank torch script that never destroys its group). PyTorch asks every process to
     destroy its group before it exits; an NCCL group otherwise warns at exit.
