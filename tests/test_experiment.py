@@ -63,6 +63,8 @@ def test_cli_experiment_smoke(tmp_path: Path) -> None:
     assert "| constant | 1 |" in result.stdout
     summary = json.loads((tmp_path / "suite" / "results.json").read_text())
     assert summary["groups"]["constant"]["test_accuracy"]["n"] == 1
+    machine = summary["machine"]  # what reproducing it bit for bit also needs
+    assert machine["torch"] and machine["cpu_capability"] and machine["cores"] >= 1 and machine["threads_per_run"] >= 1
     bad = subprocess.run([sys.executable, "-m", "cycdata.train.cli", "experiment", "nosuchsuite"], capture_output=True,
                          text=True, cwd=ROOT, timeout=60)
     assert bad.returncode == 2 and "built-in suite" in bad.stderr

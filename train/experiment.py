@@ -315,8 +315,43 @@ def run_suite(suite: Suite, out: str | Path, *, seeds: int | None = None, epochs
     _execute([(run.name, run.config) for run in runs], out, jobs, log, started)
     summary = summarize(suite, out, seeds=seeds, epochs=epochs)
     summary["seconds"] = time.perf_counter() - started
+    summary["machine"] = machine_record(jobs)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def machine_record(jobs: int) -> dict[str, Any]:
+    """What a run's floating point sums depend on beyond the code: CPU, kernels, libraries, threads per run.
+
+    The same code reproduces a suite bit for bit only where all of these match: forcing torch's and oneDNN's
+    kernels down to AVX2 on one machine changes a 15-epoch run's final accuracy, as does a second thread.
+
+    Example:
+        >>> record = machine_record(jobs=2)
+        >>> sorted(record)
+        ['cores', 'cpu', 'cpu_capability', 'jobs', 'threads_per_run', 'timm', 'torch']
+    """
+    import os
+    import platform
+
+    import timm
+    import torch
+
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // jobs) if jobs > 1 else torch.get_num_threads()  # as _execute sets them
+    return {"cpu": _cpu_model() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cores": cores, "jobs": jobs, "threads_per_run": threads, "torch": torch.__version__,
+            "timm": timm.__version__}
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), or "" where there is none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    return names[0] if names else ""
 
 
 def _execute(runs: list[tuple[str, RunConfig]], out: Path, jobs: int, log: Any, started: float) -> None:
