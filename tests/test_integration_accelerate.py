@@ -152,7 +152,7 @@ LAUNCHED = textwrap.dedent('''
         epochs.append(batches)
     with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as handle:
         json.dump({"world": accelerator.num_processes, "epochs": epochs}, handle)
-    accelerator.end_training()  # destroys the gloo group: alive at exit it aborts the process (-6) in most runs
+    accelerator.end_training()  # destroys the gloo group: alive at exit it aborts the process (-6) in many runs
 ''')
 
 

@@ -321,7 +321,7 @@ def run_suite(suite: Suite, out: str | Path, *, seeds: int | None = None, epochs
 
 
 def machine_record(jobs: int) -> dict[str, Any]:
-    """What a run's floating point sums depend on beyond the code: CPU, kernels, libraries, threads per run.
+    """What a run's floating point sums depend on beyond the code: CPU, kernels, GPU, libraries, threads per run.
 
     The same code reproduces a suite bit for bit only where all of these match: forcing torch's and oneDNN's
     kernels down to AVX2 on one machine changes a 15-epoch run's final accuracy, as does a second thread.
@@ -329,7 +329,7 @@ def machine_record(jobs: int) -> dict[str, Any]:
     Example:
         >>> record = machine_record(jobs=2)
         >>> sorted(record)
-        ['cores', 'cpu', 'cpu_capability', 'jobs', 'threads_per_run', 'timm', 'torch']
+        ['cores', 'cpu', 'cpu_capability', 'gpu', 'jobs', 'threads_per_run', 'timm', 'torch']
     """
     import os
     import platform
@@ -341,7 +341,7 @@ def machine_record(jobs: int) -> dict[str, Any]:
     threads = max(1, cores // jobs) if jobs > 1 else torch.get_num_threads()  # as _execute sets them
     return {"cpu": _cpu_model() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cores": cores, "jobs": jobs, "threads_per_run": threads, "torch": torch.__version__,
-            "timm": timm.__version__}
+            "timm": timm.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def _cpu_model() -> str:
