@@ -134,9 +134,6 @@ def collective_timeout(error: BaseException, runtime: Runtime) -> DistributedTim
     return None
 
 
-_broken_backends: set[str] = set()  # backends of groups a collective timed out in: left to their watchdog
-
-
 def leave_broken_group() -> None:
     """Leave the process group after one of its collectives timed out, so the rank exits as it says.
 
@@ -149,7 +146,7 @@ def leave_broken_group() -> None:
     if dist.get_backend() == "gloo":
         dist.destroy_process_group()
     else:
-        _broken_backends.add(dist.get_backend())
+        atexit.unregister(leave_process_group)
 
 
 def leave_process_group() -> None:
@@ -160,7 +157,7 @@ def leave_process_group() -> None:
     (5 of 8 runs of a plain two-rank torch script that never destroys its group). PyTorch asks every process to
     destroy its group before it exits; an NCCL group otherwise warns at exit.
     """
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() not in _broken_backends:
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -337,11 +337,22 @@ def machine_record(jobs: int) -> dict[str, Any]:
     import timm
     import torch
 
-    cores = os.cpu_count() or 1
-    threads = max(1, cores // jobs) if jobs > 1 else torch.get_num_threads()  # as _execute sets them
+    threads = threads_per_run(jobs) if jobs > 1 else torch.get_num_threads()  # one at a time: torch's default
     return {"cpu": _cpu_model() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cores": cores, "jobs": jobs, "threads_per_run": threads, "torch": torch.__version__,
+            "cores": os.cpu_count() or 1, "jobs": jobs, "threads_per_run": threads, "torch": torch.__version__,
             "timm": timm.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def threads_per_run(jobs: int) -> int:
+    """Each side-by-side run's share of the cores (at least one thread).
+
+    Example:
+        >>> threads_per_run(jobs=10**6)  # more runs than cores: still one thread each
+        1
+    """
+    import os
+
+    return max(1, (os.cpu_count() or 1) // jobs)
 
 
 def _cpu_model() -> str:
@@ -367,10 +378,9 @@ def _execute(runs: list[tuple[str, RunConfig]], out: Path, jobs: int, log: Any, 
             _log_run(log, position, len(runs), name, row, began, started)
         return
     import multiprocessing
-    import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads_per_run(jobs)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited torch thread pools
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_set_threads, initargs=(threads,)) as pool:
         futures = {pool.submit(_run_one, config, str(out / name), str(out)): (position, name)
